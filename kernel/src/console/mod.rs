@@ -1,0 +1,2 @@
+pub mod line;
+pub mod shell;

@@ -1,0 +1,753 @@
+//! Framing of the migration wire protocol: cutting a byte stream into typed, checked frames.
+//!
+//! Every message of the protocol travels as one frame: a fixed 16-byte header followed by the
+//! payload. All integers are little-endian (both ends are x86 hosts, and it is the order the
+//! payloads of page batches and vCPU state use too).
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "HVMG" (bytes 48 56 4D 47)
+//!      4     2  protocol version (PROTOCOL_VERSION)
+//!      6     2  frame kind (FrameKind code)
+//!      8     4  payload length in bytes (at most MAX_PAYLOAD)
+//!     12     4  CRC-32C of bytes 0..12 followed by the payload
+//!     16     n  payload
+//! ```
+//!
+//! Why each field:
+//! - The magic makes a connection to the wrong port, or a stream that lost its framing, fail on
+//!   the first bytes instead of being read as a huge frame.
+//! - The version is in every frame, not only in the hello, so that a decoder never misreads a
+//!   frame of another version; negotiation itself belongs to the protocol layer above.
+//! - The length limit bounds the memory one frame can make the receiver allocate.
+//! - The checksum covers the header too, so a corrupted kind or length cannot pass as valid. TCP's
+//!   own checksum is weak (16-bit ones' complement) and does not see corruption in NIC offload,
+//!   bridges or memory; guest memory corrupted in transit would be silent data loss in the VM.
+//!
+//! Nothing in this layer can resynchronise a broken stream: after the first error the
+//! [`FrameDecoder`] keeps returning it, and the protocol above aborts the migration.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::crc32c::Crc32c;
+
+/// The four bytes every frame starts with.
+pub const MAGIC: [u8; 4] = *b"HVMG";
+
+/// The version of the migration protocol this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Length of the frame header in bytes.
+pub const HEADER_LEN: usize = 16;
+
+/// Largest payload a frame may carry: 16 MiB, a few thousand pages per page batch, and a bound on
+/// what a peer can make us allocate.
+pub const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
+
+/// Length of the part of the header the checksum covers (everything before the checksum).
+const CHECKED_HEADER_LEN: usize = 12;
+
+/// The kinds of frames, in the order a migration uses them.
+///
+/// Code 0 is not assigned, so that a zeroed buffer never decodes as a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Opens a connection: versions, capabilities, identity.
+    Hello = 1,
+    /// The VM's configuration, for the destination to reserve memory and set up devices.
+    VmConfig = 2,
+    /// A batch of guest pages.
+    PageBatch = 3,
+    /// End of one pre-copy round, with its dirty page count.
+    RoundMarker = 4,
+    /// The source paused the VM; the final state follows.
+    Switchover = 5,
+    /// The architectural state of one vCPU.
+    VcpuState = 6,
+    /// The state of one device model.
+    DeviceState = 7,
+    /// The source asks the destination to take over the VM.
+    Commit = 8,
+    /// The destination runs the VM now.
+    CommitAck = 9,
+    /// Either side gives up; the VM stays on the source.
+    Abort = 10,
+}
+
+impl FrameKind {
+    /// Every kind, in code order.
+    pub const ALL: [FrameKind; 10] = [
+        FrameKind::Hello,
+        FrameKind::VmConfig,
+        FrameKind::PageBatch,
+        FrameKind::RoundMarker,
+        FrameKind::Switchover,
+        FrameKind::VcpuState,
+        FrameKind::DeviceState,
+        FrameKind::Commit,
+        FrameKind::CommitAck,
+        FrameKind::Abort,
+    ];
+
+    /// The code of this kind on the wire.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The kind with wire code `code`, or [`FrameError::UnknownKind`].
+    pub fn from_code(code: u16) -> Result<Self, FrameError> {
+        match code {
+            1 => Ok(FrameKind::Hello),
+            2 => Ok(FrameKind::VmConfig),
+            3 => Ok(FrameKind::PageBatch),
+            4 => Ok(FrameKind::RoundMarker),
+            5 => Ok(FrameKind::Switchover),
+            6 => Ok(FrameKind::VcpuState),
+            7 => Ok(FrameKind::DeviceState),
+            8 => Ok(FrameKind::Commit),
+            9 => Ok(FrameKind::CommitAck),
+            10 => Ok(FrameKind::Abort),
+            _ => Err(FrameError::UnknownKind { code }),
+        }
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub payload: Vec<u8>,
+}
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// The stream does not start with [`MAGIC`]: not a migration stream, or framing was lost.
+    BadMagic { found: [u8; 4] },
+    /// The frame is of a protocol version this build does not speak.
+    UnsupportedVersion { found: u16 },
+    /// The frame kind code is not one of [`FrameKind`].
+    UnknownKind { code: u16 },
+    /// The payload is longer than [`MAX_PAYLOAD`] (when encoding, or as announced by a header).
+    TooLarge { len: u64 },
+    /// The checksum in the header does not match the frame's contents.
+    BadChecksum { expected: u32, computed: u32 },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::BadMagic { found } => write!(
+                f,
+                "not a migration frame (magic {:02x} {:02x} {:02x} {:02x})",
+                found[0], found[1], found[2], found[3]
+            ),
+            FrameError::UnsupportedVersion { found } => write!(
+                f,
+                "unsupported migration protocol version {found} (this node speaks {PROTOCOL_VERSION})"
+            ),
+            FrameError::UnknownKind { code } => write!(f, "unknown frame kind {code}"),
+            FrameError::TooLarge { len } => write!(
+                f,
+                "frame payload of {len} bytes exceeds the limit of {MAX_PAYLOAD} bytes"
+            ),
+            FrameError::BadChecksum { expected, computed } => write!(
+                f,
+                "frame checksum mismatch (header says {expected:#010x}, contents give {computed:#010x})"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for FrameError {}
+
+/// Appends one frame of `kind` carrying `payload` to `out`.
+///
+/// Refuses payloads above [`MAX_PAYLOAD`] with [`FrameError::TooLarge`], leaving `out` untouched.
+pub fn encode(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            len: payload.len() as u64,
+        });
+    }
+    // Cannot truncate: MAX_PAYLOAD fits in a u32.
+    let payload_len = payload.len() as u32;
+
+    let mut checked_header = [0u8; CHECKED_HEADER_LEN];
+    checked_header[0..4].copy_from_slice(&MAGIC);
+    checked_header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    checked_header[6..8].copy_from_slice(&kind.code().to_le_bytes());
+    checked_header[8..12].copy_from_slice(&payload_len.to_le_bytes());
+
+    let mut crc = Crc32c::new();
+    crc.update(&checked_header);
+    crc.update(payload);
+
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&checked_header);
+    out.extend_from_slice(&crc.finish().to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+fn u16_at(bytes: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes([bytes[offset], bytes[offset + 1]])
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes([
+        bytes[offset],
+        bytes[offset + 1],
+        bytes[offset + 2],
+        bytes[offset + 3],
+    ])
+}
+
+/// Turns a byte stream, pushed in pieces of any size, back into frames.
+///
+/// Header fields are checked as soon as their bytes arrive, so a wrong stream fails on its first
+/// bytes and an oversized length is refused before anything waits for (or buffers) the payload.
+/// Once an error is returned, the decoder is failed for good: it returns the same error on every
+/// later call and drops further input, since the frame boundaries are lost.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    /// Received bytes; those before `consumed` were already returned as frames.
+    buffer: Vec<u8>,
+    /// Frames are taken by advancing this offset rather than by shifting the buffer, so that a
+    /// push holding many frames costs linear, not quadratic, time. `push` compacts.
+    consumed: usize,
+    failure: Option<FrameError>,
+}
+
+impl FrameDecoder {
+    /// A decoder at the start of a stream.
+    pub const fn new() -> Self {
+        Self {
+            buffer: Vec::new(),
+            consumed: 0,
+            failure: None,
+        }
+    }
+
+    /// Appends bytes received from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.failure.is_some() {
+            return;
+        }
+        // Only the unreturned tail moves, usually less than one frame.
+        self.buffer.drain(..self.consumed);
+        self.consumed = 0;
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame: `Ok(None)` if more bytes are needed, `Err` if the stream is bad.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(error) = self.failure {
+            return Err(error);
+        }
+        match self.take_frame() {
+            Err(error) => {
+                self.failure = Some(error);
+                self.buffer = Vec::new();
+                self.consumed = 0;
+                Err(error)
+            }
+            ok => ok,
+        }
+    }
+
+    /// Number of bytes received but not yet returned as frames.
+    pub fn buffered_len(&self) -> usize {
+        self.buffer.len() - self.consumed
+    }
+
+    fn take_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let Some(payload_len) = self.check_header()? else {
+            return Ok(None);
+        };
+        let pending = &self.buffer[self.consumed..];
+        let frame_len = HEADER_LEN + payload_len;
+        if pending.len() < frame_len {
+            return Ok(None);
+        }
+
+        let expected = u32_at(pending, CHECKED_HEADER_LEN);
+        let mut crc = Crc32c::new();
+        crc.update(&pending[..CHECKED_HEADER_LEN]);
+        crc.update(&pending[HEADER_LEN..frame_len]);
+        let computed = crc.finish();
+        if computed != expected {
+            return Err(FrameError::BadChecksum { expected, computed });
+        }
+
+        // check_header accepted the kind already.
+        let kind = FrameKind::from_code(u16_at(pending, 6))?;
+        let payload = pending[HEADER_LEN..frame_len].to_vec();
+        self.consumed += frame_len;
+        Ok(Some(Frame { kind, payload }))
+    }
+
+    /// Checks the header fields that have arrived. Returns the payload length once the whole
+    /// header is buffered, `None` while it is incomplete.
+    fn check_header(&self) -> Result<Option<usize>, FrameError> {
+        let pending = &self.buffer[self.consumed..];
+        let header = &pending[..pending.len().min(HEADER_LEN)];
+        if header.len() >= 4 && header[0..4] != MAGIC {
+            let mut found = [0u8; 4];
+            found.copy_from_slice(&header[0..4]);
+            return Err(FrameError::BadMagic { found });
+        }
+        if header.len() >= 6 {
+            let version = u16_at(header, 4);
+            if version != PROTOCOL_VERSION {
+                return Err(FrameError::UnsupportedVersion { found: version });
+            }
+        }
+        if header.len() >= 8 {
+            FrameKind::from_code(u16_at(header, 6))?;
+        }
+        if header.len() >= CHECKED_HEADER_LEN {
+            let len = u32_at(header, 8);
+            if len as usize > MAX_PAYLOAD {
+                return Err(FrameError::TooLarge {
+                    len: u64::from(len),
+                });
+            }
+        }
+        if header.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        Ok(Some(u32_at(header, 8) as usize))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crc32c::crc32c;
+    use alloc::vec;
+
+    fn encoded(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(kind, payload, &mut out).expect("payload within limit");
+        out
+    }
+
+    /// Feeds `bytes` in one piece and collects every frame, or the first error.
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(bytes);
+        let mut frames = Vec::new();
+        while let Some(frame) = decoder.next_frame()? {
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+
+    /// A header with arbitrary fields and a correct checksum over it and `payload`.
+    fn raw_frame(magic: [u8; 4], version: u16, code: u16, len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&magic);
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(&code.to_le_bytes());
+        bytes.extend_from_slice(&len.to_le_bytes());
+        let mut crc = Crc32c::new();
+        crc.update(&bytes);
+        crc.update(payload);
+        bytes.extend_from_slice(&crc.finish().to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    /// xorshift64*: a tiny deterministic generator, enough to make varied test inputs.
+    struct TestRng(u64);
+
+    impl TestRng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, bound: usize) -> usize {
+            (self.next_u64() % bound as u64) as usize
+        }
+
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next_u64() as u8).collect()
+        }
+    }
+
+    #[test]
+    fn header_layout_is_byte_exact() {
+        let bytes = encoded(FrameKind::PageBatch, b"abc");
+        #[rustfmt::skip]
+        let checked_header = [
+            b'H', b'V', b'M', b'G', // magic
+            0x01, 0x00,             // version 1
+            0x03, 0x00,             // PageBatch
+            0x03, 0x00, 0x00, 0x00, // 3 payload bytes
+        ];
+        assert_eq!(bytes[..12], checked_header);
+        let mut covered = checked_header.to_vec();
+        covered.extend_from_slice(b"abc");
+        assert_eq!(bytes[12..16], crc32c(&covered).to_le_bytes());
+        assert_eq!(&bytes[16..], b"abc");
+        assert_eq!(bytes.len(), HEADER_LEN + 3);
+    }
+
+    #[test]
+    fn kind_codes_are_stable() {
+        let codes: Vec<u16> = FrameKind::ALL.iter().map(|kind| kind.code()).collect();
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        for kind in FrameKind::ALL {
+            assert_eq!(FrameKind::from_code(kind.code()), Ok(kind));
+        }
+        for code in [0, 11, 0x8000, u16::MAX] {
+            assert_eq!(
+                FrameKind::from_code(code),
+                Err(FrameError::UnknownKind { code })
+            );
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for kind in FrameKind::ALL {
+            let payload = vec![kind.code() as u8; kind.code() as usize * 3];
+            assert_eq!(
+                decode_all(&encoded(kind, &payload)),
+                Ok(vec![Frame { kind, payload }])
+            );
+        }
+    }
+
+    #[test]
+    fn empty_payload_round_trips() {
+        let bytes = encoded(FrameKind::Commit, &[]);
+        assert_eq!(bytes.len(), HEADER_LEN);
+        assert_eq!(
+            decode_all(&bytes),
+            Ok(vec![Frame {
+                kind: FrameKind::Commit,
+                payload: Vec::new()
+            }])
+        );
+    }
+
+    #[test]
+    fn largest_payload_round_trips_and_one_more_byte_is_refused() {
+        let payload = vec![0xA5; MAX_PAYLOAD];
+        let bytes = encoded(FrameKind::PageBatch, &payload);
+        let frames = decode_all(&bytes).expect("valid frame");
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].payload, payload);
+
+        let mut out = vec![1, 2, 3];
+        let too_long = vec![0; MAX_PAYLOAD + 1];
+        assert_eq!(
+            encode(FrameKind::PageBatch, &too_long, &mut out),
+            Err(FrameError::TooLarge {
+                len: MAX_PAYLOAD as u64 + 1
+            })
+        );
+        assert_eq!(out, [1, 2, 3], "a refused frame leaves the output alone");
+    }
+
+    #[test]
+    fn consecutive_frames_in_one_push() {
+        let mut stream = Vec::new();
+        encode(FrameKind::Hello, b"hello", &mut stream).unwrap();
+        encode(FrameKind::RoundMarker, &[], &mut stream).unwrap();
+        encode(FrameKind::Abort, b"bye", &mut stream).unwrap();
+        let frames = decode_all(&stream).unwrap();
+        let kinds: Vec<FrameKind> = frames.iter().map(|frame| frame.kind).collect();
+        assert_eq!(
+            kinds,
+            [FrameKind::Hello, FrameKind::RoundMarker, FrameKind::Abort]
+        );
+        assert_eq!(frames[2].payload, b"bye");
+    }
+
+    #[test]
+    fn many_frames_in_one_push_then_a_partial_one() {
+        let mut stream = Vec::new();
+        for i in 0..1000u32 {
+            encode(FrameKind::PageBatch, &i.to_le_bytes(), &mut stream).unwrap();
+        }
+        let partial = encoded(FrameKind::RoundMarker, b"1000 dirty");
+        stream.extend_from_slice(&partial[..10]);
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&stream);
+        for i in 0..1000u32 {
+            let frame = decoder.next_frame().unwrap().expect("complete frame");
+            assert_eq!(frame.payload, i.to_le_bytes());
+        }
+        assert_eq!(decoder.next_frame(), Ok(None));
+        assert_eq!(decoder.buffered_len(), 10);
+        decoder.push(&partial[10..]);
+        assert_eq!(decoder.buffered_len(), partial.len());
+        assert_eq!(
+            decoder.next_frame().unwrap().map(|frame| frame.kind),
+            Some(FrameKind::RoundMarker)
+        );
+        assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    #[test]
+    fn truncated_input_needs_more() {
+        let bytes = encoded(FrameKind::VcpuState, b"registers");
+        for cut in 0..bytes.len() {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes[..cut]);
+            assert_eq!(decoder.next_frame(), Ok(None), "cut at {cut}");
+            assert_eq!(decoder.buffered_len(), cut);
+        }
+    }
+
+    #[test]
+    fn split_at_every_byte() {
+        let mut stream = Vec::new();
+        encode(FrameKind::VmConfig, b"memory=64M vcpus=1", &mut stream).unwrap();
+        encode(FrameKind::DeviceState, &[0, 1, 2, 3, 4], &mut stream).unwrap();
+        let expected = decode_all(&stream).unwrap();
+        for split in 0..=stream.len() {
+            let mut decoder = FrameDecoder::new();
+            let mut frames = Vec::new();
+            for piece in [&stream[..split], &stream[split..]] {
+                decoder.push(piece);
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    frames.push(frame);
+                }
+            }
+            assert_eq!(frames, expected, "split at {split}");
+            assert_eq!(decoder.buffered_len(), 0);
+        }
+    }
+
+    #[test]
+    fn one_byte_at_a_time() {
+        let bytes = encoded(FrameKind::CommitAck, b"ok");
+        let mut decoder = FrameDecoder::new();
+        for (i, byte) in bytes.iter().enumerate() {
+            assert_eq!(decoder.next_frame(), Ok(None), "before byte {i}");
+            decoder.push(&[*byte]);
+        }
+        assert_eq!(
+            decoder.next_frame(),
+            Ok(Some(Frame {
+                kind: FrameKind::CommitAck,
+                payload: b"ok".to_vec()
+            }))
+        );
+        assert_eq!(decoder.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn bad_magic_is_reported_after_four_bytes() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(b"GET ");
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::BadMagic { found: *b"GET " })
+        );
+    }
+
+    #[test]
+    fn unsupported_version() {
+        let bytes = raw_frame(MAGIC, 2, FrameKind::Hello.code(), 0, &[]);
+        assert_eq!(
+            decode_all(&bytes),
+            Err(FrameError::UnsupportedVersion { found: 2 })
+        );
+        // Reported from the first six bytes, without waiting for the rest of the header.
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes[..6]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::UnsupportedVersion { found: 2 })
+        );
+    }
+
+    #[test]
+    fn unknown_kind() {
+        for code in [0, 11, 0xFFFF] {
+            let bytes = raw_frame(MAGIC, PROTOCOL_VERSION, code, 0, &[]);
+            assert_eq!(decode_all(&bytes), Err(FrameError::UnknownKind { code }));
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_payload_arrives() {
+        let len = MAX_PAYLOAD as u32 + 1;
+        let bytes = raw_frame(
+            MAGIC,
+            PROTOCOL_VERSION,
+            FrameKind::PageBatch.code(),
+            len,
+            &[],
+        );
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes[..12]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::TooLarge {
+                len: u64::from(len)
+            })
+        );
+        let bytes = raw_frame(MAGIC, PROTOCOL_VERSION, 1, u32::MAX, &[]);
+        assert_eq!(
+            decode_all(&bytes),
+            Err(FrameError::TooLarge {
+                len: u64::from(u32::MAX)
+            })
+        );
+    }
+
+    #[test]
+    fn corrupted_payload_fails_the_checksum() {
+        let mut bytes = encoded(FrameKind::PageBatch, b"guest page contents");
+        let expected = u32_at(&bytes, 12);
+        bytes[20] ^= 0x01;
+        match decode_all(&bytes) {
+            Err(FrameError::BadChecksum {
+                expected: in_header,
+                computed,
+            }) => {
+                assert_eq!(in_header, expected);
+                assert_ne!(computed, expected);
+            }
+            other => panic!("expected a checksum error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupted_checksum_field_fails_the_checksum() {
+        let mut bytes = encoded(FrameKind::Hello, b"hi");
+        bytes[15] ^= 0x80;
+        assert!(matches!(
+            decode_all(&bytes),
+            Err(FrameError::BadChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn checksum_covers_the_header() {
+        // Same payload, kind changed from Commit to Abort without fixing the checksum.
+        let mut bytes = encoded(FrameKind::Commit, b"x");
+        bytes[6..8].copy_from_slice(&FrameKind::Abort.code().to_le_bytes());
+        assert!(matches!(
+            decode_all(&bytes),
+            Err(FrameError::BadChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn decoder_stays_failed_after_an_error() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(b"XXXX");
+        let error = decoder.next_frame().unwrap_err();
+        decoder.push(&encoded(FrameKind::Hello, b"valid"));
+        assert_eq!(decoder.next_frame(), Err(error));
+        assert_eq!(
+            decoder.buffered_len(),
+            0,
+            "input after a failure is dropped"
+        );
+    }
+
+    #[test]
+    fn errors_display_as_sentences() {
+        use alloc::string::ToString;
+        assert_eq!(
+            FrameError::BadMagic { found: *b"GET " }.to_string(),
+            "not a migration frame (magic 47 45 54 20)"
+        );
+        assert_eq!(
+            FrameError::BadChecksum {
+                expected: 1,
+                computed: 0xdead_beef
+            }
+            .to_string(),
+            "frame checksum mismatch (header says 0x00000001, contents give 0xdeadbeef)"
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = TestRng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..2000 {
+            let len = rng.below(64);
+            let mut bytes = rng.bytes(len);
+            // Make half of the inputs start like a real header, to get past the first checks.
+            if rng.below(2) == 0 && bytes.len() >= 8 {
+                bytes[..4].copy_from_slice(&MAGIC);
+                bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                bytes[6..8].copy_from_slice(&(1 + rng.below(10) as u16).to_le_bytes());
+            }
+            let mut decoder = FrameDecoder::new();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let take = 1 + rng.below(rest.len());
+                decoder.push(&rest[..take]);
+                rest = &rest[take..];
+                // Any outcome is fine, as long as it is not a panic and errors stick.
+                if let Err(error) = decoder.next_frame() {
+                    assert_eq!(decoder.next_frame(), Err(error));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_streams_round_trip_in_random_pieces() {
+        let mut rng = TestRng(0x0123_4567_89AB_CDEF);
+        for _ in 0..200 {
+            let mut stream = Vec::new();
+            let mut expected = Vec::new();
+            for _ in 0..1 + rng.below(6) {
+                let kind = FrameKind::ALL[rng.below(FrameKind::ALL.len())];
+                let len = rng.below(300);
+                let payload = rng.bytes(len);
+                encode(kind, &payload, &mut stream).unwrap();
+                expected.push(Frame { kind, payload });
+            }
+            let mut decoder = FrameDecoder::new();
+            let mut frames = Vec::new();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let take = 1 + rng.below(rest.len().min(40));
+                decoder.push(&rest[..take]);
+                rest = &rest[take..];
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    frames.push(frame);
+                }
+            }
+            assert_eq!(frames, expected);
+        }
+    }
+
+    #[test]
+    fn random_bit_flips_never_yield_a_frame() {
+        let mut rng = TestRng(0xDEAD_BEEF_CAFE_F00D);
+        for _ in 0..2000 {
+            let kind = FrameKind::ALL[rng.below(FrameKind::ALL.len())];
+            let len = rng.below(100);
+            let payload = rng.bytes(len);
+            let mut bytes = encoded(kind, &payload);
+            let bit = rng.below(bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            // A flip is either caught, or (in the length field) makes the decoder wait for bytes
+            // that never come; it never produces a frame.
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes);
+            assert!(
+                !matches!(decoder.next_frame(), Ok(Some(_))),
+                "flip of bit {bit} went unnoticed"
+            );
+        }
+    }
+}
