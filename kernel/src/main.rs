@@ -67,10 +67,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let timer = arch::apic::init(caps.x2apic, TICK_HZ, mem::map_mmio);
     x86_64::instructions::interrupts::enable();
     log::info!(
-        "clock: TSC {} MHz, APIC timer {} kHz ({:?}), tick {} Hz",
+        "clock: TSC {} MHz, {} timer {} kHz, tick {} Hz",
         clock::tsc_hz() / 1_000_000,
-        timer.timer_hz / 1000,
         timer.mode,
+        timer.timer_hz / 1000,
         timer.tick_hz
     );
     let frames = mem::frame_stats();

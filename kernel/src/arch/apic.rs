@@ -31,6 +31,15 @@ pub enum ApicMode {
     XApic { registers: VirtAddr },
 }
 
+impl core::fmt::Display for ApicMode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ApicMode::X2Apic => write!(f, "x2APIC"),
+            ApicMode::XApic { .. } => write!(f, "xAPIC"),
+        }
+    }
+}
+
 /// What the boot-time calibration found.
 #[derive(Debug, Clone, Copy)]
 pub struct TimerInfo {
@@ -75,11 +84,7 @@ pub fn end_of_interrupt() {
 
 /// Enables the local APIC (x2APIC when `x2apic` is true, else through `map_mmio`), calibrates
 /// the TSC and the APIC timer against the PIT and starts a periodic `tick_hz` timer.
-pub fn init(
-    x2apic: bool,
-    tick_hz: u64,
-    map_mmio: impl FnOnce(PhysAddr) -> VirtAddr,
-) -> TimerInfo {
+pub fn init(x2apic: bool, tick_hz: u64, map_mmio: impl FnOnce(PhysAddr) -> VirtAddr) -> TimerInfo {
     let mut base_msr = Msr::new(IA32_APIC_BASE);
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; setting the enable (and x2APIC)
     // bits is the documented way to switch modes from xAPIC.

@@ -40,7 +40,7 @@ extern "C" {
 
 /// A fault the console can cause on purpose.
 #[derive(Debug, Clone, Copy)]
-pub enum Fault {
+pub enum FaultKind {
     /// Invalid opcode (UD2).
     InvalidOpcode,
     /// Divide by zero.
@@ -53,16 +53,16 @@ pub enum Fault {
     GeneralProtection,
 }
 
-impl Fault {
+impl FaultKind {
     /// Where the fault will be raised: RIP for instruction faults, CR2 for a page fault; the
     /// breakpoint reports the address after INT3, where it resumes.
     pub fn expected_address(self) -> u64 {
         match self {
-            Fault::InvalidOpcode => deliberate_ud_site as *const () as u64,
-            Fault::DivideError => deliberate_de_site as *const () as u64,
-            Fault::Breakpoint => deliberate_bp_resume as *const () as u64,
-            Fault::PageFault(addr) => addr,
-            Fault::GeneralProtection => NON_CANONICAL,
+            FaultKind::InvalidOpcode => deliberate_ud_site as *const () as u64,
+            FaultKind::DivideError => deliberate_de_site as *const () as u64,
+            FaultKind::Breakpoint => deliberate_bp_resume as *const () as u64,
+            FaultKind::PageFault(addr) => addr,
+            FaultKind::GeneralProtection => NON_CANONICAL,
         }
     }
 
@@ -73,15 +73,32 @@ impl Fault {
         // non-canonical, so they fault instead of reading anything. Faulting is the purpose.
         unsafe {
             match self {
-                Fault::InvalidOpcode => deliberate_ud_site(),
-                Fault::DivideError => deliberate_de(),
-                Fault::Breakpoint => deliberate_bp_site(),
-                Fault::PageFault(addr) => {
+                FaultKind::InvalidOpcode => deliberate_ud_site(),
+                FaultKind::DivideError => deliberate_de(),
+                FaultKind::Breakpoint => deliberate_bp_site(),
+                FaultKind::PageFault(addr) => {
                     core::ptr::read_volatile(addr as *const u64);
                 }
-                Fault::GeneralProtection => {
+                FaultKind::GeneralProtection => {
                     core::ptr::read_volatile(NON_CANONICAL as *const u64);
                 }
+            }
+        }
+    }
+}
+
+impl core::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FaultKind::InvalidOpcode => write!(f, "invalid opcode (ud2)"),
+            FaultKind::DivideError => write!(f, "divide error (div by 0)"),
+            FaultKind::Breakpoint => write!(f, "breakpoint (int3)"),
+            FaultKind::PageFault(addr) => write!(f, "page fault (read of unmapped {addr:#x})"),
+            FaultKind::GeneralProtection => {
+                write!(
+                    f,
+                    "general protection (read of non-canonical {NON_CANONICAL:#x})"
+                )
             }
         }
     }

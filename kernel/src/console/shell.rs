@@ -44,7 +44,10 @@ impl fmt::Display for DispatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DispatchError::UnknownCommand(name) => {
-                write!(f, "error: unknown command '{name}' (type 'help' for the list)")
+                write!(
+                    f,
+                    "error: unknown command '{name}' (type 'help' for the list)"
+                )
             }
             DispatchError::BadArguments {
                 command,
@@ -131,7 +134,9 @@ pub fn parse_number(what: &str, text: &str) -> Result<u64, CommandError> {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => text.parse(),
     };
-    parsed.map_err(|_| CommandError::BadArguments(alloc::format!("{what} must be a number, not '{text}'")))
+    parsed.map_err(|_| {
+        CommandError::BadArguments(alloc::format!("{what} must be a number, not '{text}'"))
+    })
 }
 
 #[cfg(test)]
@@ -162,9 +167,27 @@ mod tests {
     }
 
     const TABLE: &[Command<Ctx>] = &[
-        Command { name: "echo", usage: "<words...>", summary: "prints its words", hidden: false, run: echo },
-        Command { name: "switch", usage: "<on|off>", summary: "flips a switch", hidden: false, run: strict },
-        Command { name: "secret", usage: "", summary: "not listed", hidden: true, run: broken },
+        Command {
+            name: "echo",
+            usage: "<words...>",
+            summary: "prints its words",
+            hidden: false,
+            run: echo,
+        },
+        Command {
+            name: "switch",
+            usage: "<on|off>",
+            summary: "flips a switch",
+            hidden: false,
+            run: strict,
+        },
+        Command {
+            name: "secret",
+            usage: "",
+            summary: "not listed",
+            hidden: true,
+            run: broken,
+        },
     ];
 
     fn run(line: &str) -> (Ctx, String, Result<(), DispatchError>) {
@@ -229,7 +252,10 @@ mod tests {
     #[test]
     fn failures_name_the_command() {
         let (_, _, result) = run("secret");
-        assert_eq!(result.unwrap_err().to_string(), "error: secret: device gone");
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            "error: secret: device gone"
+        );
     }
 
     #[test]
@@ -249,7 +275,9 @@ mod tests {
     fn numbers_parse_in_decimal_and_hex() {
         assert_eq!(parse_number("count", "42"), Ok(42));
         assert_eq!(parse_number("count", "0x2a"), Ok(42));
-        assert!(matches!(parse_number("count", "many"), Err(CommandError::BadArguments(m)) if m.contains("count must be a number")));
+        assert!(
+            matches!(parse_number("count", "many"), Err(CommandError::BadArguments(m)) if m.contains("count must be a number"))
+        );
         assert!(parse_number("count", "-1").is_err());
     }
 }

@@ -97,9 +97,8 @@ pub fn init(phys_offset: Option<u64>, regions: &MemoryRegions) -> Result<(), Mem
     // SAFETY: `home` is usable RAM nobody else owns yet, reached through the bootloader's
     // physical-memory window, and it is reserved in the allocator right below so it is never
     // handed out; the slice lives as long as the kernel.
-    let bitmap = unsafe {
-        core::slice::from_raw_parts_mut((offset + home.start) as *mut u64, words)
-    };
+    let bitmap =
+        unsafe { core::slice::from_raw_parts_mut((offset + home.start) as *mut u64, words) };
     let mut allocator =
         FrameAllocator::new(usable_ranges(regions), bitmap).map_err(MemError::Frames)?;
     allocator
@@ -122,7 +121,8 @@ pub fn init(phys_offset: Option<u64>, regions: &MemoryRegions) -> Result<(), Mem
     let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
     for page in 0..HEAP_SIZE / FRAME_SIZE {
         let virt = HEAP_START + page * FRAME_SIZE;
-        let frame = alloc_frame().ok_or(MemError::HeapMapping(MapToError::FrameAllocationFailed))?;
+        let frame =
+            alloc_frame().ok_or(MemError::HeapMapping(MapToError::FrameAllocationFailed))?;
         map_page(virt, frame, flags).map_err(MemError::HeapMapping)?;
     }
     heap::init(HEAP_START, HEAP_SIZE as usize);
@@ -169,10 +169,13 @@ pub fn alloc_frame() -> Option<u64> {
 
 /// Frame totals.
 pub fn frame_stats() -> FrameStats {
-    FRAMES.lock().as_ref().map_or(FrameStats { total: 0, free: 0 }, |f| FrameStats {
-        total: f.total_frames(),
-        free: f.free_frames(),
-    })
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or(FrameStats { total: 0, free: 0 }, |f| FrameStats {
+            total: f.total_frames(),
+            free: f.free_frames(),
+        })
 }
 
 /// The boot memory map.

@@ -9,8 +9,8 @@ use kernel::config::{log_level_name, parse_log_level, OnPanic};
 use kernel::console::shell::{write_help, Command, CommandError};
 
 use super::Node;
-use crate::arch::apic::{self, ApicMode};
-use crate::arch::deliberate::Fault;
+use crate::arch::apic;
+use crate::arch::deliberate::FaultKind;
 use crate::arch::power;
 use crate::{clock, fault, mem, trap};
 
@@ -128,13 +128,10 @@ fn info(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
         writeln!(out, "node: {}", node.config.name)?;
         writeln!(out, "{}", node.caps)?;
         if let Some(timer) = apic::info() {
-            let mode = match timer.mode {
-                ApicMode::X2Apic => "x2APIC",
-                ApicMode::XApic { .. } => "xAPIC",
-            };
             writeln!(
                 out,
-                "apic: {mode} id {}, timer {} kHz, tick {} Hz",
+                "apic: {} id {}, timer {} kHz, tick {} Hz",
+                timer.mode,
                 timer.apic_id,
                 timer.timer_hz / 1000,
                 timer.tick_hz
@@ -210,7 +207,9 @@ fn uptime(_: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
 
 fn log_cmd(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     match args {
-        ["level"] => writeln!(out, "log level: {}", log_level_name(log::max_level())).map_err(out_err),
+        ["level"] => {
+            writeln!(out, "log level: {}", log_level_name(log::max_level())).map_err(out_err)
+        }
         ["level", level] => {
             let filter = parse_log_level(level).ok_or_else(|| {
                 CommandError::BadArguments(format!("unknown log level '{level}'"))
@@ -270,31 +269,30 @@ const UNMAPPED_PROBE: u64 = 0x0000_7FFF_DEAD_B000;
 fn debug(_: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     let fault = match args {
         ["panic"] => panic!("deliberate panic from the console"),
-        ["fault", "ud"] => Fault::InvalidOpcode,
-        ["fault", "de"] => Fault::DivideError,
-        ["fault", "bp"] => Fault::Breakpoint,
-        ["fault", "gp"] => Fault::GeneralProtection,
+        ["fault", "ud"] => FaultKind::InvalidOpcode,
+        ["fault", "de"] => FaultKind::DivideError,
+        ["fault", "bp"] => FaultKind::Breakpoint,
+        ["fault", "gp"] => FaultKind::GeneralProtection,
         ["fault", "pf"] => {
             if mem::is_mapped(UNMAPPED_PROBE) {
                 return Err(CommandError::Failed(format!(
                     "probe address {UNMAPPED_PROBE:#x} is mapped"
                 )));
             }
-            Fault::PageFault(UNMAPPED_PROBE)
+            FaultKind::PageFault(UNMAPPED_PROBE)
         }
         ["fault", other] => {
             return Err(CommandError::BadArguments(format!(
                 "unknown fault '{other}'"
             )))
         }
-        _ => return Err(CommandError::BadArguments("expected 'fault <kind>' or 'panic'".into())),
+        _ => {
+            return Err(CommandError::BadArguments(
+                "expected 'fault <kind>' or 'panic'".into(),
+            ))
+        }
     };
-    writeln!(
-        out,
-        "raising {fault:?} (expected address {:#x})",
-        fault.expected_address()
-    )
-    .map_err(out_err)?;
+    writeln!(out, "raising {fault} at {:#x}", fault.expected_address()).map_err(out_err)?;
     fault.raise();
-    writeln!(out, "returned from {fault:?}").map_err(out_err)
+    writeln!(out, "returned from {fault}").map_err(out_err)
 }
