@@ -20,3 +20,22 @@ pub use caps::{
     discover, Capabilities, CpuInfoSource, CpuidResult, EptVpidCaps, SvmCaps, Vendor,
     Virtualization, VmxCaps,
 };
+pub mod dirty;
+pub mod exit;
+pub mod paging;
+pub mod state;
+pub mod svm;
+pub mod vtx;
+
+pub use dirty::{DirtyBitmap, DirtyError, DirtyPages};
+pub use paging::{
+    EntryFormat, EptFormat, NestedPageTable, NptFormat, PagingError, PendingFlush, Perm,
+    TableMemory,
+};
+
+// The vendor-neutral vCPU state and exits the run loop and migration use.
+pub use exit::{Backend, EntryFailure, ExitCounters, ExitKind, IoDirection, IoSize, VmExit};
+pub use state::{
+    ActivityState, DescriptorTable, FpuState, Gprs, Interruptibility, MsrState, PendingEvent,
+    PendingEventKind, Segment, SegmentAttributes, StateError, VcpuState,
+};
