@@ -25,6 +25,7 @@ pub mod exit;
 pub mod paging;
 pub mod state;
 pub mod svm;
+pub mod vcpu;
 pub mod vtx;
 
 pub use dirty::{DirtyBitmap, DirtyError, DirtyPages};

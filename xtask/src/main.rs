@@ -50,14 +50,18 @@ fn build(args: &[String]) -> Result<(), String> {
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
-        .args(["build", "-q", "-p", "kernel", "--target", "x86_64-unknown-none"]);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "-q",
+        "-p",
+        "kernel",
+        "--target",
+        "x86_64-unknown-none",
+    ]);
     if release {
         cmd.arg("--release");
     }
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
         return Err(format!("kernel build failed ({status})"));
     }

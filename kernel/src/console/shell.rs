@@ -28,7 +28,11 @@ pub enum CommandError {
 /// What went wrong with a line, as the shell reports it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DispatchError {
-    UnknownCommand(String),
+    UnknownCommand {
+        name: String,
+        /// The visible command names, for the usage line.
+        known: String,
+    },
     BadArguments {
         command: &'static str,
         usage: &'static str,
@@ -43,12 +47,11 @@ pub enum DispatchError {
 impl fmt::Display for DispatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DispatchError::UnknownCommand(name) => {
-                write!(
-                    f,
-                    "error: unknown command '{name}' (type 'help' for the list)"
-                )
-            }
+            DispatchError::UnknownCommand { name, known } => write!(
+                f,
+                "error: unknown command '{name}'\nusage: <command> [arguments], one of: {known} \
+                 ('help' explains each)"
+            ),
             DispatchError::BadArguments {
                 command,
                 usage,
@@ -82,7 +85,14 @@ pub fn dispatch<Ctx>(
         if name.chars().count() > 32 {
             shown.push_str("...");
         }
-        return Err(DispatchError::UnknownCommand(shown));
+        let mut known = String::new();
+        for c in table.iter().filter(|c| !c.hidden) {
+            if !known.is_empty() {
+                known.push_str(", ");
+            }
+            known.push_str(c.name);
+        }
+        return Err(DispatchError::UnknownCommand { name: shown, known });
     };
     let mut args = [""; MAX_ARGS];
     let mut count = 0;
@@ -218,8 +228,19 @@ mod tests {
     fn unknown_commands_are_named_in_the_error() {
         let (_, _, result) = run("frobnicate now");
         let err = result.unwrap_err();
-        assert_eq!(err, DispatchError::UnknownCommand("frobnicate".into()));
-        assert!(err.to_string().contains("unknown command 'frobnicate'"));
+        assert_eq!(
+            err,
+            DispatchError::UnknownCommand {
+                name: "frobnicate".into(),
+                known: "echo, switch".into()
+            }
+        );
+        let text = err.to_string();
+        assert!(text.contains("unknown command 'frobnicate'"), "{text}");
+        assert!(
+            text.contains("usage: <command> [arguments], one of: echo, switch"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -227,7 +248,7 @@ mod tests {
         let line = "x".repeat(10_000);
         let (_, _, result) = run(&line);
         let text = result.unwrap_err().to_string();
-        assert!(text.len() < 100, "{text}");
+        assert!(text.lines().next().unwrap().len() < 100, "{text}");
         assert!(text.contains("..."));
     }
 

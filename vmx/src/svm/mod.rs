@@ -9,15 +9,14 @@
 //!   neutral [`crate::state::VcpuState`].
 //! - [`bitmap`]: IOPM and MSRPM bit positions (15.10.1, 15.11).
 //!
-//! The VMRUN glue (inline assembly, host save area, VM_HSAVE_PA) is written on top of these by the
-//! kernel side and is not here.
-
-#![forbid(unsafe_code)]
+//! - [`vcpu`]: the hardware glue: enabling SVM, the host save area, [`SvmVcpu`] and its VMRUN
+//!   loop. The only module here with `unsafe`; every other one forbids it.
 
 pub mod bitmap;
 pub mod event;
 pub mod exit;
 pub mod state;
+pub mod vcpu;
 pub mod vmcb;
 
 pub use bitmap::{
@@ -27,6 +26,7 @@ pub use bitmap::{
 pub use event::{SvmEvent, SvmEventError, SvmEventType};
 pub use exit::{exception_has_error_code, exit_code, exit_from_vmcb};
 pub use state::{inject, load_from_state, save_to_state, GuestGprs, SvmStateError};
+pub use vcpu::{enable_svm, SvmError, SvmVcpu};
 pub use vmcb::{TlbControl, Vmcb, VmcbControl, VmcbSegment, VmcbStateSave};
 
 impl Vmcb {

@@ -1,0 +1,271 @@
+//! The test guest: a freestanding 64-bit program the hypervisor runs to prove that guest memory
+//! survives everything (pause, migration) intact.
+//!
+//! It fills its RAM with self-describing pages (`guest_abi::page_word`), keeps a version table
+//! of what every page must hold, rewrites pages at the configured dirty rate, checks a few pages
+//! in the background on every pass, prints a heartbeat each second, and answers single-byte
+//! commands on its serial port (`guest_abi::command`). It runs with interrupts disabled and
+//! uses HLT to yield: the hypervisor resumes a halted vCPU at its next time slice.
+
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::fmt::{self, Write};
+
+use guest_abi::{
+    check_page, command, dirty_test_pages, fill_page, BootParams, DataLayout, MemoryHash,
+    PageMismatch, BOOT_PARAMS, IMAGE_BASE, PAGE_SIZE, STACK_TOP,
+};
+
+const COM1: u16 = 0x3F8;
+const COM1_LSR: u16 = COM1 + 5;
+/// Pages checked in the background per pass of the main loop.
+const BACKGROUND_CHECKS: u64 = 4;
+/// Most pages rewritten per pass, so a high dirty rate cannot starve the heartbeat.
+const MAX_WRITES_PER_PASS: u64 = 4096;
+
+global_asm!(
+    ".section .text.start, \"ax\"",
+    ".global _start",
+    "_start:",
+    "    mov rsp, {stack}",
+    "    mov rdi, {params}",
+    "    call {main}",
+    "2:  hlt",
+    "    jmp 2b",
+    stack = const STACK_TOP,
+    params = const BOOT_PARAMS,
+    main = sym guest_main,
+);
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O to the guest's own serial port; the hypervisor emulates it.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as in `outb`.
+    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack)) };
+    value
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the (hypervisor-offset) time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn halt() {
+    // SAFETY: HLT yields to the hypervisor, which resumes us at the next slice.
+    unsafe { asm!("hlt", options(nomem, nostack)) };
+}
+
+struct Serial;
+
+impl Write for Serial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                outb(COM1, b'\r');
+            }
+            outb(COM1, b);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => {{ let _ = writeln!(Serial, $($arg)*); }};
+}
+
+/// This guest's RAM, seen through its identity mapping.
+struct Memory {
+    layout: DataLayout,
+}
+
+impl Memory {
+    fn page(&self, index: u64) -> &'static mut [u64; 512] {
+        let gpa = self.layout.page_gpa(index);
+        // SAFETY: data pages lie inside guest RAM (DataLayout keeps them below mem_bytes), are
+        // identity-mapped, page-aligned, and only this single-threaded program touches them;
+        // no two references to one page are alive at once.
+        unsafe { &mut *(gpa as *mut [u64; 512]) }
+    }
+
+    fn version(&self, index: u64) -> u32 {
+        // SAFETY: the version table has one u32 per data page, inside guest RAM.
+        unsafe {
+            core::ptr::read_volatile((self.layout.versions_gpa as *const u32).add(index as usize))
+        }
+    }
+
+    fn set_version(&self, index: u64, version: u32) {
+        // SAFETY: as in `version`.
+        unsafe {
+            core::ptr::write_volatile(
+                (self.layout.versions_gpa as *mut u32).add(index as usize),
+                version,
+            )
+        }
+    }
+
+    fn rewrite(&self, index: u64) {
+        let version = self.version(index).wrapping_add(1);
+        self.set_version(index, version);
+        fill_page(self.page(index), index, version);
+    }
+
+    fn check(&self, index: u64) -> Result<(), PageMismatch> {
+        check_page(self.page(index), index, self.version(index))
+    }
+
+    /// Checks every page and hashes the version table and all pages.
+    fn verify_all(&self) -> (Result<(), (u64, PageMismatch)>, u64, u64) {
+        let mut hash = MemoryHash::default();
+        let mut first_bad = Ok(());
+        let mut bad = 0;
+        for index in 0..self.layout.pages {
+            hash.add_word(u64::from(self.version(index)));
+        }
+        for index in 0..self.layout.pages {
+            if let Err(m) = self.check(index) {
+                bad += 1;
+                if first_bad.is_ok() {
+                    first_bad = Err((index, m));
+                }
+            }
+            self.page(index).iter().for_each(|&w| hash.add_word(w));
+        }
+        (first_bad, bad, hash.value())
+    }
+}
+
+extern "C" fn guest_main(params_gpa: u64) -> ! {
+    // SAFETY: the loader wrote BootParams::WORDS words at BOOT_PARAMS, inside guest RAM.
+    let words = unsafe { core::ptr::read_volatile(params_gpa as *const [u64; BootParams::WORDS]) };
+    let params = match BootParams::from_words(words) {
+        Ok(p) => p,
+        Err(err) => {
+            say!("boot parameters rejected: {err:?}");
+            loop {
+                halt();
+            }
+        }
+    };
+    let memory = Memory {
+        layout: DataLayout::for_memory(params.mem_bytes),
+    };
+    let pages = memory.layout.pages;
+    say!(
+        "test guest: {} MiB, {pages} data pages at {:#x}, dirty {} pages/s",
+        params.mem_bytes >> 20,
+        memory.layout.pages_gpa,
+        params.dirty_pages_per_sec
+    );
+    for index in 0..pages {
+        memory.set_version(index, 1);
+        fill_page(memory.page(index), index, 1);
+    }
+    let image_end = {
+        extern "C" {
+            static __image_end: u8;
+        }
+        &raw const __image_end as u64
+    };
+    say!(
+        "ready image={IMAGE_BASE:#x}-{image_end:#x} stack={:#x}-{STACK_TOP:#x} versions={:#x}",
+        STACK_TOP - 16 * PAGE_SIZE,
+        memory.layout.versions_gpa
+    );
+
+    let start = rdtsc();
+    let mut next_heartbeat = start + params.tsc_hz;
+    let mut heartbeat = 0u64;
+    let mut written = 0u64;
+    let mut write_cursor = 0u64;
+    let mut check_cursor = 0u64;
+    let mut status: Result<(), (u64, PageMismatch)> = Ok(());
+    loop {
+        let now = rdtsc();
+        if now >= next_heartbeat {
+            heartbeat += 1;
+            next_heartbeat += params.tsc_hz;
+            match status {
+                Ok(()) => say!("heartbeat {heartbeat} ok"),
+                Err((page, m)) => say!("heartbeat {heartbeat} FAIL page {page}: {m:?}"),
+            }
+        }
+
+        // Rewrite what the dirty rate owes by now.
+        let elapsed = now - start;
+        let owed = (u128::from(params.dirty_pages_per_sec) * u128::from(elapsed)
+            / u128::from(params.tsc_hz)) as u64;
+        let burst = owed.saturating_sub(written).min(MAX_WRITES_PER_PASS);
+        for _ in 0..burst {
+            memory.rewrite(write_cursor);
+            write_cursor = (write_cursor + 1) % pages;
+        }
+        written += burst;
+        if owed > written + MAX_WRITES_PER_PASS * 16 {
+            // Hopelessly behind (e.g. after a long pause): forgive rather than burst forever.
+            written = owed;
+        }
+
+        for _ in 0..BACKGROUND_CHECKS {
+            if status.is_ok() {
+                if let Err(m) = memory.check(check_cursor) {
+                    status = Err((check_cursor, m));
+                }
+            }
+            check_cursor = (check_cursor + 1) % pages;
+        }
+
+        if inb(COM1_LSR) & 1 != 0 {
+            match inb(COM1) {
+                command::VERIFY => {
+                    let (result, bad, hash) = memory.verify_all();
+                    match result {
+                        Ok(()) => say!("verify ok pages={pages} hash={hash:#018x}"),
+                        Err((page, m)) => {
+                            status = Err((page, m));
+                            say!("verify FAILED bad={bad} first page {page}: {m:?} hash={hash:#018x}")
+                        }
+                    }
+                }
+                command::DIRTY_TEST => {
+                    let mut count = 0;
+                    for index in dirty_test_pages(&memory.layout) {
+                        memory.rewrite(index);
+                        count += 1;
+                    }
+                    say!("dirtytest wrote {count} pages");
+                }
+                command::INVALID_OPCODE => {
+                    say!("executing an invalid opcode");
+                    // SAFETY: faulting is the point: with no IDT the hypervisor sees a
+                    // triple fault and must stop this VM cleanly.
+                    unsafe { asm!("ud2") };
+                }
+                command::OUTSIDE_RAM => {
+                    let gpa = params.mem_bytes + 0x10_0000;
+                    say!("reading {gpa:#x}, past the end of RAM");
+                    // SAFETY: the identity map covers this address; it is outside RAM, so the
+                    // access reaches the nested page tables and must end in a handled exit.
+                    let value = unsafe { core::ptr::read_volatile(gpa as *const u64) };
+                    say!("read {value:#x} past the end of RAM");
+                }
+                other => say!("unknown command byte {other:#04x}"),
+            }
+        }
+        halt();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    say!("guest panic: {}", info.message());
+    loop {
+        halt();
+    }
+}
