@@ -22,4 +22,5 @@ extern crate alloc;
 
 pub mod config;
 pub mod console;
+pub mod elf;
 pub mod frames;

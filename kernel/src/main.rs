@@ -17,6 +17,7 @@ mod mem;
 mod serial;
 mod shell;
 mod trap;
+mod vm;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{entry_point, BootInfo};
@@ -80,7 +81,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         frames.free / 256
     );
 
-    shell::run(shell::Node { config, caps })
+    let vms = vm::VmTable::new(&caps);
+    shell::run(shell::Node { config, caps, vms })
 }
 
 /// Copies the bootloader ramdisk (the node configuration file) into `buf`; returns its length.

@@ -15,6 +15,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod caps;
+pub mod devices;
 
 pub use caps::{
     discover, Capabilities, CpuInfoSource, CpuidResult, EptVpidCaps, SvmCaps, Vendor,

@@ -206,3 +206,25 @@ pub fn is_mapped(virt: u64) -> bool {
         .as_ref()
         .is_some_and(|m| m.translate_addr(VirtAddr::new(virt)).is_some())
 }
+
+/// Where the kernel sees host-physical address `hpa` (the bootloader's physical-memory window).
+pub fn phys_to_virt(hpa: u64) -> *mut u8 {
+    (PHYS_OFFSET.load(Ordering::Relaxed) + hpa) as *mut u8
+}
+
+/// `count` physically contiguous free frames, zeroed; returns the first one's address.
+pub fn alloc_zeroed_contiguous(count: usize) -> Option<u64> {
+    let hpa = FRAMES.lock().as_mut()?.alloc_contiguous(count, 1)?;
+    // SAFETY: the frames were just handed out to the caller alone, and the physical window
+    // maps them writable.
+    unsafe { core::ptr::write_bytes(phys_to_virt(hpa), 0, count * FRAME_SIZE as usize) };
+    Some(hpa)
+}
+
+/// Gives back frames from [`alloc_zeroed_contiguous`] or [`alloc_frame`].
+pub fn free_frames(hpa: u64, count: usize) -> Result<(), frames::FrameError> {
+    match FRAMES.lock().as_mut() {
+        Some(frames) => frames.free_contiguous(hpa, count),
+        None => Err(frames::FrameError::NotManaged { addr: hpa }),
+    }
+}

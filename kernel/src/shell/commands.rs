@@ -16,6 +16,10 @@ use crate::{clock, fault, mem, trap};
 
 type Result = core::result::Result<(), CommandError>;
 
+const VM_USAGE: &str = "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [track=dbit|wp] \
+| start|stop|pause|resume|verify|show|destroy|console <name> | list \
+| dirty <name> reset|harvest";
+
 pub const TABLE: &[Command<Node>] = &[
     Command {
         name: "help",
@@ -58,6 +62,13 @@ pub const TABLE: &[Command<Node>] = &[
         summary: "show the node configuration or override one key",
         hidden: false,
         run: config,
+    },
+    Command {
+        name: "vm",
+        usage: VM_USAGE,
+        summary: "create, run and inspect virtual machines",
+        hidden: false,
+        run: super::vm::vm,
     },
     Command {
         name: "reboot",

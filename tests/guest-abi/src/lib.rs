@@ -225,6 +225,48 @@ pub fn dirty_test_pages(layout: &DataLayout) -> impl Iterator<Item = u64> {
     (3..layout.pages).step_by(7).take(200)
 }
 
+// The guest's page-table pages inside PAGE_TABLES: the PML4, one PDPT, and one page directory
+// per GiB of IDENTITY_MAPPED (2 MiB pages). 0x7000 is left spare.
+const PML4_GPA: u64 = PAGE_TABLES.start;
+const PDPT_GPA: u64 = PML4_GPA + PAGE_SIZE;
+const PD_GPA: u64 = PDPT_GPA + PAGE_SIZE;
+const LARGE_PAGE: u64 = 2 << 20;
+const ENTRIES_PER_TABLE: u64 = 512;
+const PD_COUNT: u64 = IDENTITY_MAPPED / (LARGE_PAGE * ENTRIES_PER_TABLE);
+
+// Entry bits. Accessed (on every level) and dirty (on the 2 MiB leaves) are set up front so the
+// CPU never has to write them back: the table pages then stay clean for the whole run and do
+// not show up in the dirty-tracking test as pages nobody asked the guest to write. No user bit:
+// the guest runs in ring 0 only.
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_ACCESSED: u64 = 1 << 5;
+const PTE_DIRTY: u64 = 1 << 6;
+const PTE_LARGE: u64 = 1 << 7;
+const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_ACCESSED;
+const LEAF_FLAGS: u64 = TABLE_FLAGS | PTE_DIRTY | PTE_LARGE;
+
+/// Builds the guest's 4-level identity map of [`IDENTITY_MAPPED`] (4 GiB, 2 MiB pages,
+/// present + writable, supervisor only) inside [`PAGE_TABLES`]: PML4 at `0x1000`, PDPT at
+/// `0x2000`, four page directories at `0x3000..0x7000`. Long mode needs nothing else from the
+/// tables (PAE-format entries; NX is never set, so EFER.NXE does not matter).
+///
+/// Calls `write(gpa, value)` for every non-zero u64 of the guest page tables (the loader
+/// zeroes the table pages first). Returns the CR3 value (PML4 GPA).
+pub fn build_identity_page_tables(mut write: impl FnMut(u64, u64)) -> u64 {
+    write(PML4_GPA, PDPT_GPA | TABLE_FLAGS);
+    for pd in 0..PD_COUNT {
+        let pd_gpa = PD_GPA + pd * PAGE_SIZE;
+        write(PDPT_GPA + pd * 8, pd_gpa | TABLE_FLAGS);
+        for entry in 0..ENTRIES_PER_TABLE {
+            let gpa = (pd * ENTRIES_PER_TABLE + entry) * LARGE_PAGE;
+            write(pd_gpa + entry * 8, gpa | LEAF_FLAGS);
+        }
+    }
+    // CR3 holds the PML4 address with PWT/PCD clear: ordinary write-back caching.
+    PML4_GPA
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -314,5 +356,104 @@ mod tests {
         assert_eq!(set[1], 10);
         assert!(set.len() <= 200);
         assert!(set.iter().all(|&p| p < l.pages));
+    }
+
+    /// The writes of [`build_identity_page_tables`], and the CR3 it returned.
+    fn built_tables() -> (std::collections::BTreeMap<u64, u64>, u64) {
+        let mut tables = std::collections::BTreeMap::new();
+        let cr3 = build_identity_page_tables(|gpa, value| {
+            assert!(
+                tables.insert(gpa, value).is_none(),
+                "{gpa:#x} written twice"
+            );
+        });
+        (tables, cr3)
+    }
+
+    /// Walks the tables like the CPU does in long mode (4-level paging, CR4.PSE ignored), for a
+    /// supervisor write. Entries never written read as zero (the loader zeroed the pages).
+    fn translate(tables: &std::collections::BTreeMap<u64, u64>, cr3: u64, va: u64) -> Option<u64> {
+        const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+        let read = |gpa: u64| tables.get(&gpa).copied().unwrap_or(0);
+        let mut table = cr3 & ADDR;
+        for (level, shift) in [(4, 39), (3, 30), (2, 21), (1, 12)] {
+            let entry = read(table + ((va >> shift) & 0x1FF) * 8);
+            if entry & PTE_PRESENT == 0 || entry & PTE_WRITABLE == 0 {
+                return None;
+            }
+            // No user bit anywhere: the guest's code runs in ring 0 only.
+            assert_eq!(entry & (1 << 2), 0, "user bit at level {level}");
+            // NX clear: the guest executes from anywhere.
+            assert_eq!(entry >> 63, 0, "NX at level {level}");
+            let large = entry & PTE_LARGE != 0;
+            // A 1 GiB page at level 3 would need a CPU feature we do not rely on, and level 4
+            // has no page-size bit.
+            assert!(!(large && level > 2), "large page at level {level}");
+            if large || level == 1 {
+                let offset_mask = (1u64 << shift) - 1;
+                let base = entry & ADDR & !offset_mask;
+                return Some(base | (va & offset_mask));
+            }
+            table = entry & ADDR;
+        }
+        None
+    }
+
+    #[test]
+    fn page_tables_identity_map_4_gib() {
+        let (tables, cr3) = built_tables();
+        assert_eq!(cr3, PAGE_TABLES.start);
+        let addrs = [
+            0,
+            0xFFF,
+            1 << 20,
+            PAGE_TABLES.start,
+            BOOT_PARAMS,
+            STACK_TOP - 8,
+            IMAGE_BASE,
+            DATA_START,
+            DATA_START + 0x12_3456,
+            (1 << 30) - 1,
+            1 << 30,
+            (3 << 30) + 0x1234_5678,
+            IDENTITY_MAPPED - (10 << 20), // about 3.99 GiB
+            IDENTITY_MAPPED - 1,
+        ];
+        for va in addrs {
+            assert_eq!(translate(&tables, cr3, va), Some(va), "{va:#x}");
+        }
+        // Every 2 MiB page, at its first and last byte.
+        for page in 0..IDENTITY_MAPPED / LARGE_PAGE {
+            let va = page * LARGE_PAGE;
+            assert_eq!(translate(&tables, cr3, va), Some(va), "{va:#x}");
+            let last = va + LARGE_PAGE - 1;
+            assert_eq!(translate(&tables, cr3, last), Some(last), "{last:#x}");
+        }
+        // Nothing beyond: an access past 4 GiB faults in the guest rather than aliasing.
+        assert_eq!(translate(&tables, cr3, IDENTITY_MAPPED), None);
+        assert_eq!(translate(&tables, cr3, 1 << 39), None);
+    }
+
+    #[test]
+    fn page_tables_stay_inside_their_pages() {
+        let (tables, _) = built_tables();
+        // 1 PML4 entry, 4 PDPT entries, 4 * 512 PD entries.
+        assert_eq!(tables.len(), 1 + 4 + 4 * 512);
+        for (&gpa, &value) in &tables {
+            assert!(
+                PAGE_TABLES.contains(&gpa) && PAGE_TABLES.contains(&(gpa + 7)),
+                "{gpa:#x}"
+            );
+            assert_eq!(gpa % 8, 0, "{gpa:#x} unaligned");
+            assert_ne!(value, 0, "{gpa:#x}: zero written");
+            // Flags the CPU would otherwise write back are already set.
+            assert_eq!(value & PTE_ACCESSED, PTE_ACCESSED, "{gpa:#x}");
+        }
+        // The tables end below 0x7000, so BOOT_PARAMS (0x8000) is never touched.
+        assert!(tables.keys().all(|&gpa| gpa < 0x7000));
+        // The leaves are dirty already, so the guest never writes its own tables.
+        for (&gpa, &value) in tables.range(0x3000..0x7000) {
+            assert_eq!(value & PTE_DIRTY, PTE_DIRTY, "{gpa:#x}");
+        }
     }
 }

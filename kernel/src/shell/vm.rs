@@ -1,0 +1,211 @@
+//! The `vm` console command.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use core::fmt::Write;
+
+use kernel::config::is_valid_node_name;
+use kernel::console::shell::{parse_number, CommandError};
+
+use super::Node;
+use crate::vm::{DirtyTracking, VmError, VmSpec, VmState, MAX_MEM_MIB, MIN_MEM_MIB};
+
+type Result = core::result::Result<(), CommandError>;
+
+const DEFAULT_MEM_MIB: u64 = 32;
+
+fn failed(err: VmError) -> CommandError {
+    CommandError::Failed(err.to_string())
+}
+
+fn out_err(_: core::fmt::Error) -> CommandError {
+    CommandError::Failed("console write failed".into())
+}
+
+fn bad(text: String) -> CommandError {
+    CommandError::BadArguments(text)
+}
+
+pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
+    let vms = &mut node.vms;
+    match args {
+        ["create", name, options @ ..] => {
+            let spec = parse_create(name, options)?;
+            vms.create(spec).map_err(failed)?;
+            writeln!(out, "vm {name} created (off); 'vm start {name}' boots it").map_err(out_err)
+        }
+        ["start", name] => {
+            vms.start(name).map_err(failed)?;
+            writeln!(out, "vm {name} started").map_err(out_err)
+        }
+        ["stop", name] => {
+            vms.stop(name).map_err(failed)?;
+            writeln!(out, "vm {name} stopped (off)").map_err(out_err)
+        }
+        ["pause", name] => {
+            vms.pause(name).map_err(failed)?;
+            writeln!(out, "vm {name} paused").map_err(out_err)
+        }
+        ["resume", name] => {
+            vms.resume(name).map_err(failed)?;
+            writeln!(out, "vm {name} resumed").map_err(out_err)
+        }
+        ["destroy", name] => {
+            vms.destroy(name).map_err(failed)?;
+            writeln!(out, "vm {name} destroyed").map_err(out_err)
+        }
+        ["verify", name] => {
+            let vm = vms.get(name).map_err(failed)?;
+            if vm.state != VmState::Running {
+                return Err(failed(VmError::WrongState {
+                    name: (*name).into(),
+                    state: vm.state.to_string(),
+                    wanted: "running",
+                }));
+            }
+            vms.send_input(name, &[guest_abi::command::VERIFY])
+                .map_err(failed)?;
+            writeln!(
+                out,
+                "vm {name}: verification requested; the guest answers below"
+            )
+            .map_err(out_err)
+        }
+        ["console", name] => {
+            vms.get(name).map_err(failed)?;
+            vms.attached = Some((*name).into());
+            writeln!(
+                out,
+                "attached to {name}'s console; Ctrl-] returns to the shell"
+            )
+            .map_err(out_err)
+        }
+        ["list"] => list(node, out).map_err(out_err),
+        ["show", name] => show(node, name, out),
+        ["dirty", name, "reset"] => {
+            vms.get_mut(name).map_err(failed)?.dirty_reset();
+            writeln!(out, "vm {name}: dirty log reset").map_err(out_err)
+        }
+        ["dirty", name, "harvest"] => {
+            let vm = vms.get_mut(name).map_err(failed)?;
+            let pages = vm.dirty_harvest().map_err(CommandError::Failed)?;
+            write!(out, "vm {name}: {} dirty pages:", pages.count()).map_err(out_err)?;
+            write_ranges(out, pages.iter()).map_err(out_err)?;
+            writeln!(out).map_err(out_err)
+        }
+        [] => Err(bad("missing subcommand".into())),
+        [sub, ..] => Err(bad(format!(
+            "unknown subcommand or wrong arguments for '{sub}'"
+        ))),
+    }
+}
+
+fn parse_create(name: &str, options: &[&str]) -> core::result::Result<VmSpec, CommandError> {
+    if !is_valid_node_name(name) {
+        return Err(bad(format!(
+            "bad VM name '{name}': 1-32 letters, digits, '-' or '_', starting with a letter"
+        )));
+    }
+    let mut spec = VmSpec {
+        name: name.into(),
+        mem_mib: DEFAULT_MEM_MIB,
+        dirty_pages_per_sec: 0,
+        tracking: DirtyTracking::DirtyBits,
+    };
+    for option in options {
+        let Some((key, value)) = option.split_once('=') else {
+            return Err(bad(format!("expected key=value, not '{option}'")));
+        };
+        match key {
+            "mem" => {
+                let mib = parse_number("mem", value)?;
+                if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
+                    return Err(bad(format!(
+                        "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB, not {mib}"
+                    )));
+                }
+                spec.mem_mib = mib;
+            }
+            "vcpus" => {
+                if parse_number("vcpus", value)? != 1 {
+                    return Err(bad("only 1 vCPU per VM is supported so far".into()));
+                }
+            }
+            "dirty" => spec.dirty_pages_per_sec = parse_number("dirty", value)?,
+            "track" => {
+                spec.tracking = match value {
+                    "dbit" => DirtyTracking::DirtyBits,
+                    "wp" => DirtyTracking::WriteProtect,
+                    _ => return Err(bad(format!("track must be dbit or wp, not '{value}'"))),
+                }
+            }
+            _ => return Err(bad(format!("unknown option '{key}'"))),
+        }
+    }
+    Ok(spec)
+}
+
+fn list(node: &Node, out: &mut dyn Write) -> core::fmt::Result {
+    writeln!(out, "{:<16} {:<8} {:>8}  NODE", "NAME", "STATE", "MEMORY")?;
+    for vm in node.vms.iter() {
+        writeln!(
+            out,
+            "{:<16} {:<8} {:>4} MiB  {}",
+            vm.spec.name, vm.state, vm.spec.mem_mib, node.config.name
+        )?;
+    }
+    Ok(())
+}
+
+fn show(node: &Node, name: &str, out: &mut dyn Write) -> Result {
+    let vm = node.vms.get(name).map_err(failed)?;
+    (|| {
+        writeln!(out, "vm {name} on {}", node.config.name)?;
+        match &vm.state {
+            VmState::Crashed(reason) => writeln!(out, "  state: crashed: {reason}")?,
+            state => writeln!(out, "  state: {state}")?,
+        }
+        writeln!(
+            out,
+            "  memory: {} MiB, dirty rate {} pages/s",
+            vm.ram_bytes() >> 20,
+            vm.spec.dirty_pages_per_sec
+        )?;
+        writeln!(out, "  dirty tracking: {}", vm.spec.tracking)?;
+        writeln!(out, "  rip: {:#x}", vm.rip())?;
+        writeln!(
+            out,
+            "  exits: {} total, {}/s: {}",
+            vm.exits.total(),
+            vm.exit_rate(),
+            vm.exits
+        )
+    })()
+    .map_err(out_err)
+}
+
+/// Writes ascending page numbers as compact hex ranges: ` 0x10-0x12 0x20`.
+fn write_ranges(out: &mut dyn Write, pages: impl Iterator<Item = u64>) -> core::fmt::Result {
+    let mut run: Option<(u64, u64)> = None;
+    let flush = |out: &mut dyn Write, (a, b): (u64, u64)| {
+        if a == b {
+            write!(out, " {a:#x}")
+        } else {
+            write!(out, " {a:#x}-{b:#x}")
+        }
+    };
+    for page in pages {
+        run = match run {
+            Some((a, b)) if page == b + 1 => Some((a, page)),
+            Some(r) => {
+                flush(out, r)?;
+                Some((page, page))
+            }
+            None => Some((page, page)),
+        };
+    }
+    if let Some(r) = run {
+        flush(out, r)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,528 @@
+//! The virtual machines of this node: creating them, running them time-sliced, and what the
+//! console shows of them.
+//!
+//! One host core runs everything (ARCHITECTURE.md, concurrency model): the console loop calls
+//! [`VmTable::run_slice`], which gives each runnable vCPU the rest of the current 1 ms timer
+//! tick. A guest that halts yields until a later tick.
+
+mod exits;
+mod loader;
+pub mod memory;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use hashbrown::HashMap;
+use kernel::frames::FRAME_SIZE;
+use vmx::devices::uart::Uart16550;
+use vmx::dirty::DirtyBitmap;
+use vmx::exit::ExitCounters;
+use vmx::paging::{NestedPageTable, NptFormat, Perm};
+use vmx::svm::SvmVcpu;
+use vmx::vcpu::{HostPage, Vcpu};
+
+use crate::{clock, mem, trap};
+use memory::{GuestRam, NptFrames, StructurePages};
+
+/// Smallest and largest guest RAM accepted by `vm create`.
+pub const MIN_MEM_MIB: u64 = guest_abi::MIN_MEM_BYTES >> 20;
+pub const MAX_MEM_MIB: u64 = 4096;
+/// Longest guest console line kept before it is printed anyway.
+const MAX_GUEST_LINE: usize = 512;
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    /// Created, or stopped: RAM holds a freshly loaded guest, nothing runs.
+    Off,
+    Running,
+    Paused,
+    /// Stopped by the hypervisor because the guest did something it cannot continue from.
+    Crashed(String),
+}
+
+impl core::fmt::Display for VmState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            VmState::Off => write!(f, "off"),
+            VmState::Running => write!(f, "running"),
+            VmState::Paused => write!(f, "paused"),
+            VmState::Crashed(_) => write!(f, "crashed"),
+        }
+    }
+}
+
+/// How pages written by the guest are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// Dirty bits of the nested page tables (cleared and harvested).
+    DirtyBits,
+    /// Write-protected nested entries; the first write to each page faults and is recorded
+    /// (for CPUs without accessed/dirty bits in their nested paging).
+    WriteProtect,
+}
+
+impl core::fmt::Display for DirtyTracking {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DirtyTracking::DirtyBits => write!(f, "dirty bits (NPT D flags, harvested)"),
+            DirtyTracking::WriteProtect => write!(f, "write protection (nested page faults)"),
+        }
+    }
+}
+
+/// What `vm create` asks for.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub mem_mib: u64,
+    pub dirty_pages_per_sec: u64,
+    pub tracking: DirtyTracking,
+}
+
+/// Why a VM operation was refused.
+#[derive(Debug)]
+pub enum VmError {
+    NoVirtualization(&'static str),
+    Exists(String),
+    Unknown(String),
+    NotEnoughMemory {
+        need_mib: u64,
+        free_mib: u64,
+    },
+    WrongState {
+        name: String,
+        state: String,
+        wanted: &'static str,
+    },
+    NoAsid,
+    Setup(String),
+}
+
+impl core::fmt::Display for VmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            VmError::NoVirtualization(why) => write!(f, "cannot run VMs on this node: {why}"),
+            VmError::Exists(name) => write!(f, "a VM named '{name}' already exists"),
+            VmError::Unknown(name) => write!(f, "no VM named '{name}' (see 'vm list')"),
+            VmError::NotEnoughMemory { need_mib, free_mib } => write!(
+                f,
+                "not enough memory: the VM needs about {need_mib} MiB, {free_mib} MiB are free"
+            ),
+            VmError::WrongState {
+                name,
+                state,
+                wanted,
+            } => write!(f, "VM '{name}' is {state}; this needs it {wanted}"),
+            VmError::NoAsid => write!(f, "no free address-space ID for another VM"),
+            VmError::Setup(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// One virtual machine.
+pub struct Vm {
+    pub spec: VmSpec,
+    pub state: VmState,
+    ram: GuestRam,
+    npt: NestedPageTable<NptFormat>,
+    vcpu: SvmVcpu,
+    asid: u32,
+    uart: Uart16550,
+    line: String,
+    pub exits: ExitCounters,
+    /// Timer tick at which the vCPU halted; it runs again on a later tick.
+    halted_at: Option<u64>,
+    /// Pages recorded by write-protect faults since the last harvest.
+    wp_dirty: DirtyBitmap,
+    /// Uptime (ms) when it last started running, for exit rates.
+    started_ms: u64,
+}
+
+impl Vm {
+    /// Guest pages.
+    fn pages(&self) -> u64 {
+        self.ram.size() / FRAME_SIZE
+    }
+
+    /// Handles one byte of the guest's console output: whole lines go to `out` (without the
+    /// line end), or every byte as it comes when `raw` (an attached console).
+    fn console_byte(&mut self, byte: u8, raw: bool, out: &mut dyn FnMut(&str, &[u8])) {
+        if raw {
+            out(&self.spec.name, &[byte]);
+            return;
+        }
+        match byte {
+            b'\n' => self.flush_line(out),
+            b'\r' => {}
+            0x20..=0x7E => {
+                self.line.push(byte as char);
+                if self.line.len() >= MAX_GUEST_LINE {
+                    self.flush_line(out);
+                }
+            }
+            _ => self.line.push('.'),
+        }
+    }
+
+    fn flush_line(&mut self, out: &mut dyn FnMut(&str, &[u8])) {
+        let line = core::mem::take(&mut self.line);
+        out(&self.spec.name, line.as_bytes());
+    }
+
+    /// Stops the guest for good with a message.
+    fn crash(&mut self, reason: String) {
+        log::error!("vm {}: stopped: {reason}", self.spec.name);
+        self.state = VmState::Crashed(reason);
+    }
+
+    /// Clears the dirty state so the next harvest reports only pages written from now on.
+    pub fn dirty_reset(&mut self) {
+        let mut scratch = DirtyBitmap::new(self.pages()).ok();
+        self.dirty_harvest_into(scratch.as_mut());
+    }
+
+    /// Pages written since the last harvest (or reset), ascending.
+    pub fn dirty_harvest(&mut self) -> Result<DirtyBitmap, String> {
+        let mut bitmap = DirtyBitmap::new(self.pages()).map_err(|e| format!("{e}"))?;
+        self.dirty_harvest_into(Some(&mut bitmap));
+        Ok(bitmap)
+    }
+
+    fn dirty_harvest_into(&mut self, into: Option<&mut DirtyBitmap>) {
+        let range = 0..self.ram.size();
+        let Some(into) = into else { return };
+        match self.spec.tracking {
+            DirtyTracking::DirtyBits => {
+                match self.npt.harvest_dirty(&mut NptFrames, range, into) {
+                    // Cleared D bits only count once the nested TLB forgets the old entries.
+                    Ok(flush) => {
+                        if flush.is_required() {
+                            self.vcpu.flush_nested_tlb();
+                        }
+                        flush.flushed();
+                    }
+                    Err(err) => log::error!("vm {}: harvest: {err}", self.spec.name),
+                }
+            }
+            DirtyTracking::WriteProtect => {
+                let _ = self.wp_dirty.swap_out(into);
+                match self.npt.write_protect_range(&mut NptFrames, range) {
+                    Ok(flush) => {
+                        if flush.is_required() {
+                            self.vcpu.flush_nested_tlb();
+                        }
+                        flush.flushed();
+                    }
+                    Err(err) => log::error!("vm {}: write-protect: {err}", self.spec.name),
+                }
+            }
+        }
+    }
+
+    /// Guest-physical range of RAM and its host frames, for `vm show`.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram.size()
+    }
+
+    /// Guest exits per second since it last started.
+    pub fn exit_rate(&self) -> u64 {
+        let ms = clock::uptime_ms().saturating_sub(self.started_ms).max(1);
+        self.exits.total() * 1000 / ms
+    }
+
+    /// The guest's RIP (for `vm show`).
+    pub fn rip(&self) -> u64 {
+        self.vcpu.rip()
+    }
+}
+
+/// All VMs of this node.
+pub struct VmTable {
+    vms: HashMap<String, Vm>,
+    /// Creation order, for listing and round-robin.
+    order: Vec<String>,
+    next_first: usize,
+    /// Whether SVM could be turned on (and its host save area).
+    svm: Result<HostPage, &'static str>,
+    max_asid: u32,
+    /// VM whose console is attached to the node console.
+    pub attached: Option<String>,
+}
+
+impl VmTable {
+    /// Turns virtualization on if the CPU allows it.
+    pub fn new(caps: &vmx::Capabilities) -> VmTable {
+        let (svm, max_asid) = match &caps.virt {
+            vmx::Virtualization::Svm(svm) if svm.disabled_by_firmware => {
+                (Err("SVM is disabled by the firmware (VM_CR.SVMDIS)"), 0)
+            }
+            vmx::Virtualization::Svm(svm) if !svm.nested_paging => {
+                (Err("the CPU has SVM but no nested paging"), 0)
+            }
+            vmx::Virtualization::Svm(svm) => match vmx::svm::enable_svm(&mut StructurePages) {
+                Ok(page) => (Ok(page), svm.num_asids.saturating_sub(1)),
+                Err(_) => (Err("no memory for the SVM host save area"), 0),
+            },
+            vmx::Virtualization::Vmx(_) => (
+                Err("the Intel VT-x backend cannot run guests yet (issue 3: VMX glue)"),
+                0,
+            ),
+            vmx::Virtualization::None => (Err("the CPU has no SVM or VMX"), 0),
+        };
+        if let Err(why) = &svm {
+            log::warn!("virtualization unavailable: {why}");
+        } else {
+            log::info!("AMD SVM enabled ({max_asid} guest ASIDs)");
+        }
+        VmTable {
+            vms: HashMap::new(),
+            order: Vec::new(),
+            next_first: 0,
+            svm,
+            max_asid,
+            attached: None,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Vm, VmError> {
+        self.vms
+            .get(name)
+            .ok_or_else(|| VmError::Unknown(name.into()))
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Result<&mut Vm, VmError> {
+        self.vms
+            .get_mut(name)
+            .ok_or_else(|| VmError::Unknown(name.into()))
+    }
+
+    /// VMs in creation order.
+    pub fn iter(&self) -> impl Iterator<Item = &Vm> {
+        self.order.iter().filter_map(|n| self.vms.get(n))
+    }
+
+    fn free_asid(&self) -> Option<u32> {
+        (1..=self.max_asid).find(|a| self.vms.values().all(|vm| vm.asid != *a))
+    }
+
+    /// Creates a VM (off, guest loaded) after checking every refusal up front.
+    pub fn create(&mut self, spec: VmSpec) -> Result<(), VmError> {
+        if let Err(why) = &self.svm {
+            return Err(VmError::NoVirtualization(why));
+        }
+        if self.vms.contains_key(&spec.name) {
+            return Err(VmError::Exists(spec.name));
+        }
+        let bytes = spec.mem_mib << 20;
+        let pages = bytes / FRAME_SIZE;
+        // RAM, one NPT leaf table per 512 pages (+ upper levels), bitmaps, VMCBs, slack.
+        let need_frames = pages + pages / 512 + 64;
+        let free = mem::frame_stats().free;
+        if need_frames > free {
+            return Err(VmError::NotEnoughMemory {
+                need_mib: need_frames.div_ceil(256),
+                free_mib: free / 256,
+            });
+        }
+        let asid = self.free_asid().ok_or(VmError::NoAsid)?;
+
+        let mut ram = GuestRam::new(bytes).map_err(|_| VmError::NotEnoughMemory {
+            need_mib: need_frames.div_ceil(256),
+            free_mib: mem::frame_stats().free / 256,
+        })?;
+        let mut npt = match NestedPageTable::<NptFormat>::new(&mut NptFrames) {
+            Ok(npt) => npt,
+            Err(err) => {
+                ram.free();
+                return Err(VmError::Setup(format!("nested page table: {err}")));
+            }
+        };
+        let mapped = ram.frames().iter().enumerate().try_for_each(|(i, &hpa)| {
+            npt.map(&mut NptFrames, i as u64 * FRAME_SIZE, hpa, Perm::RWX)
+        });
+        let state = mapped
+            .map_err(|err| format!("mapping guest RAM: {err}"))
+            .and_then(|()| {
+                loader::load_test_guest(&mut ram, clock::tsc_hz(), spec.dirty_pages_per_sec)
+                    .map_err(|err| format!("{err}"))
+            });
+        let vcpu = state.and_then(|state| {
+            SvmVcpu::new(&mut StructurePages, asid, npt.root_hpa(), &state)
+                .map_err(|err| format!("vCPU: {err:?}"))
+        });
+        let wp_dirty = DirtyBitmap::new(pages).map_err(|e| format!("{e}"));
+        let (vcpu, wp_dirty) = match (vcpu, wp_dirty) {
+            (Ok(vcpu), Ok(wp)) => (vcpu, wp),
+            (vcpu, wp) => {
+                let why = match (&vcpu, &wp) {
+                    (Err(e), _) | (_, Err(e)) => e.clone(),
+                    _ => String::new(),
+                };
+                if let Ok(vcpu) = vcpu {
+                    vcpu.release(&mut StructurePages);
+                }
+                npt.teardown(&mut NptFrames).flushed();
+                ram.free();
+                return Err(VmError::Setup(why));
+            }
+        };
+        let name = spec.name.clone();
+        let mut vm = Vm {
+            spec,
+            state: VmState::Off,
+            ram,
+            npt,
+            vcpu,
+            asid,
+            uart: Uart16550::new(),
+            line: String::new(),
+            exits: ExitCounters::new(),
+            halted_at: None,
+            wp_dirty,
+            started_ms: 0,
+        };
+        vm.dirty_reset();
+        log::info!("vm {name}: created ({} MiB, ASID {asid})", vm.spec.mem_mib);
+        self.order.push(name.clone());
+        self.vms.insert(name, vm);
+        Ok(())
+    }
+
+    /// Off or crashed -> running (a fresh boot); paused -> running is `resume`.
+    pub fn start(&mut self, name: &str) -> Result<(), VmError> {
+        let vm = self.get_mut(name)?;
+        match vm.state {
+            VmState::Off => {}
+            VmState::Crashed(_) => vm.reload()?,
+            _ => {
+                return Err(VmError::WrongState {
+                    name: name.into(),
+                    state: format!("{}", vm.state),
+                    wanted: "off or crashed",
+                })
+            }
+        }
+        // Guest time starts at zero.
+        vm.vcpu.set_tsc_offset(-(clock::rdtsc() as i64));
+        vm.state = VmState::Running;
+        vm.started_ms = clock::uptime_ms();
+        vm.exits.reset();
+        Ok(())
+    }
+
+    /// Running/paused/crashed -> off, with a freshly loaded guest for the next start.
+    pub fn stop(&mut self, name: &str) -> Result<(), VmError> {
+        let vm = self.get_mut(name)?;
+        if vm.state == VmState::Off {
+            return Err(VmError::WrongState {
+                name: name.into(),
+                state: "off".into(),
+                wanted: "running, paused or crashed",
+            });
+        }
+        vm.reload()?;
+        vm.state = VmState::Off;
+        Ok(())
+    }
+
+    pub fn pause(&mut self, name: &str) -> Result<(), VmError> {
+        self.transition(name, VmState::Running, VmState::Paused, "running")
+    }
+
+    pub fn resume(&mut self, name: &str) -> Result<(), VmError> {
+        self.transition(name, VmState::Paused, VmState::Running, "paused")
+    }
+
+    fn transition(
+        &mut self,
+        name: &str,
+        from: VmState,
+        to: VmState,
+        wanted: &'static str,
+    ) -> Result<(), VmError> {
+        let vm = self.get_mut(name)?;
+        if vm.state != from {
+            return Err(VmError::WrongState {
+                name: name.into(),
+                state: format!("{}", vm.state),
+                wanted,
+            });
+        }
+        vm.state = to;
+        Ok(())
+    }
+
+    /// Removes a VM in any state and frees everything it held.
+    pub fn destroy(&mut self, name: &str) -> Result<(), VmError> {
+        let vm = self
+            .vms
+            .remove(name)
+            .ok_or_else(|| VmError::Unknown(name.into()))?;
+        self.order.retain(|n| n != name);
+        if self.attached.as_deref() == Some(name) {
+            self.attached = None;
+        }
+        let Vm { ram, npt, vcpu, .. } = vm;
+        vcpu.release(&mut StructurePages);
+        // The ASID is reused by a later VM, whose first entry flushes it (TLB_CONTROL in
+        // SvmVcpu::new), so no stale translation to these frames can survive.
+        npt.teardown(&mut NptFrames).flushed();
+        ram.free();
+        log::info!("vm {name}: destroyed, memory freed");
+        Ok(())
+    }
+
+    /// Queues bytes for a VM's serial input.
+    pub fn send_input(&mut self, name: &str, bytes: &[u8]) -> Result<usize, VmError> {
+        let vm = self.get_mut(name)?;
+        Ok(bytes.iter().take_while(|&&b| vm.uart.push_input(b)).count())
+    }
+
+    /// Whether any VM could use the CPU now.
+    pub fn any_runnable(&self) -> bool {
+        let now = trap::timer_ticks();
+        self.vms
+            .values()
+            .any(|vm| vm.state == VmState::Running && vm.halted_at.is_none_or(|t| now > t))
+    }
+
+    /// Gives every runnable VM the rest of the current timer tick, in turn. Guest console
+    /// output goes to `out(vm name, bytes)`.
+    pub fn run_slice(&mut self, out: &mut dyn FnMut(&str, &[u8])) {
+        let count = self.order.len();
+        if count == 0 {
+            return;
+        }
+        let first = self.next_first % count;
+        self.next_first = self.next_first.wrapping_add(1);
+        for i in 0..count {
+            let name = &self.order[(first + i) % count];
+            let raw = self.attached.as_deref() == Some(name.as_str());
+            if let Some(vm) = self.vms.get_mut(name) {
+                exits::run_until_slice_end(vm, raw, out);
+            }
+        }
+    }
+}
+
+impl Vm {
+    /// Reloads the guest into RAM and resets the vCPU (a power cycle).
+    fn reload(&mut self) -> Result<(), VmError> {
+        let state = loader::load_test_guest(
+            &mut self.ram,
+            clock::tsc_hz(),
+            self.spec.dirty_pages_per_sec,
+        )
+        .map_err(|e| VmError::Setup(format!("{e}")))?;
+        self.vcpu
+            .load_state(&state)
+            .map_err(|e| VmError::Setup(format!("vCPU reset: {e:?}")))?;
+        self.uart = Uart16550::new();
+        self.line.clear();
+        self.halted_at = None;
+        self.dirty_reset();
+        Ok(())
+    }
+}
