@@ -6,7 +6,7 @@ use core::fmt::Write;
 
 use bootloader_api::info::MemoryRegionKind;
 use kernel::config::{log_level_name, parse_log_level, OnPanic};
-use kernel::console::shell::{write_help, Command, CommandError};
+use kernel::console::shell::{parse_number, write_help, Command, CommandError};
 
 use super::Node;
 use crate::arch::apic;
@@ -69,6 +69,13 @@ pub const TABLE: &[Command<Node>] = &[
         summary: "create, run and inspect virtual machines",
         hidden: false,
         run: super::vm::vm,
+    },
+    Command {
+        name: "bench",
+        usage: "verify <pages>",
+        summary: "time the test guest's page-verify loop run natively (reference for the VM)",
+        hidden: false,
+        run: bench,
     },
     Command {
         name: "reboot",
@@ -272,6 +279,47 @@ fn halt(_: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     no_arguments(args)?;
     let _ = writeln!(out, "node halted");
     power::halt_forever()
+}
+
+/// Runs the test guest's verification loop on `pages` freshly written pages in host memory,
+/// timed with the TSC: the native reference for the same loop inside a VM (`vm verify`).
+fn bench(_: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
+    let pages = match args {
+        ["verify", pages] => parse_number("pages", pages)?,
+        _ => {
+            return Err(CommandError::BadArguments(
+                "expected 'verify <pages>'".into(),
+            ))
+        }
+    };
+    if !(1..=1 << 20).contains(&pages) {
+        return Err(CommandError::BadArguments(
+            "pages must be 1..=1048576".into(),
+        ));
+    }
+    let mut ram = crate::vm::memory::GuestRam::new(pages * 4096)
+        .map_err(|_| CommandError::Failed(format!("not enough memory for {pages} pages")))?;
+    for index in 0..pages as usize {
+        if let Some(words) = ram.page_words_mut(index) {
+            guest_abi::fill_page(words, index as u64, 1);
+        }
+    }
+    let zero = [0u64; 512];
+    let t0 = clock::rdtsc();
+    let report = guest_abi::verify_pages(
+        pages,
+        |_| 1,
+        |i| ram.page_words(i as usize).unwrap_or(&zero),
+    );
+    let cycles = clock::rdtsc() - t0;
+    ram.free();
+    writeln!(
+        out,
+        "native verify {} pages={pages} hash={:#018x} cycles={cycles}",
+        if report.bad == 0 { "ok" } else { "FAILED" },
+        report.hash
+    )
+    .map_err(out_err)
 }
 
 /// An unmapped, canonical, lower-half address for the page-fault case.

@@ -108,6 +108,21 @@ impl GuestRam {
         })
     }
 
+    /// Guest page `index` as words (None past the end of RAM).
+    pub fn page_words(&self, index: usize) -> Option<&[u64; 512]> {
+        let hpa = *self.frames.get(index)?;
+        // SAFETY: the frame belongs to this guest and is page-aligned; `&self` keeps the RAM
+        // alive, and the guest does not run while the kernel holds the reference (single core).
+        Some(unsafe { &*(mem::phys_to_virt(hpa) as *const [u64; 512]) })
+    }
+
+    /// Guest page `index` as writable words (None past the end of RAM).
+    pub fn page_words_mut(&mut self, index: usize) -> Option<&mut [u64; 512]> {
+        let hpa = *self.frames.get(index)?;
+        // SAFETY: as in `page_words`; `&mut self` makes the reference unique.
+        Some(unsafe { &mut *(mem::phys_to_virt(hpa) as *mut [u64; 512]) })
+    }
+
     /// Walks the host frames covering [gpa, gpa + len), handing each piece to `f` as
     /// (host pointer, offset into the buffer, length).
     fn access(&self, gpa: u64, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) -> bool {

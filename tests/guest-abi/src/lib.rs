@@ -207,6 +207,45 @@ impl MemoryHash {
     }
 }
 
+/// What a full verification found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The first page that failed, and how.
+    pub first_bad: Option<(u64, PageMismatch)>,
+    /// Pages that failed.
+    pub bad: u64,
+    /// [`MemoryHash`] of the version table then every page, in order.
+    pub hash: u64,
+}
+
+/// Checks `pages` data pages against their versions and hashes them: the guest's `verify`
+/// command, and the node kernel's native run of the same loop (its benchmark reference).
+pub fn verify_pages<'a>(
+    pages: u64,
+    version: impl Fn(u64) -> u32,
+    page: impl Fn(u64) -> &'a [u64; WORDS_PER_PAGE],
+) -> VerifyReport {
+    let mut hash = MemoryHash::default();
+    for index in 0..pages {
+        hash.add_word(u64::from(version(index)));
+    }
+    let mut report = VerifyReport {
+        first_bad: None,
+        bad: 0,
+        hash: 0,
+    };
+    for index in 0..pages {
+        let words = page(index);
+        if let Err(m) = check_page(words, index, version(index)) {
+            report.bad += 1;
+            report.first_bad.get_or_insert((index, m));
+        }
+        words.iter().for_each(|&w| hash.add_word(w));
+    }
+    report.hash = hash.value();
+    report
+}
+
 /// Single-byte commands the guest reads from its serial port.
 pub mod command {
     /// Verify every page, print the result and the memory hash.
@@ -346,6 +385,31 @@ mod tests {
         assert_ne!(hash(&[1, 2]), hash(&[2, 1]));
         assert_ne!(hash(&[1, 2]), hash(&[1, 3]));
         assert_eq!(hash(&[5, 6]), hash(&[5, 6]));
+    }
+
+    #[test]
+    fn verify_pages_reports_bad_pages_and_a_stable_hash() {
+        let mut pages = std::vec![[0u64; WORDS_PER_PAGE]; 5];
+        for (i, p) in pages.iter_mut().enumerate() {
+            fill_page(p, i as u64, 1);
+        }
+        let clean = verify_pages(5, |_| 1, |i| &pages[i as usize]);
+        assert_eq!(clean.bad, 0);
+        assert_eq!(clean.first_bad, None);
+        assert_eq!(verify_pages(5, |_| 1, |i| &pages[i as usize]), clean);
+        pages[3][7] ^= 1;
+        let broken = verify_pages(5, |_| 1, |i| &pages[i as usize]);
+        assert_eq!(broken.bad, 1);
+        assert_eq!(
+            broken.first_bad,
+            Some((3, PageMismatch::Corrupt { word: 7 }))
+        );
+        assert_ne!(broken.hash, clean.hash);
+        let stale = verify_pages(5, |i| if i == 1 { 2 } else { 1 }, |i| &pages[i as usize]);
+        assert_eq!(
+            stale.first_bad,
+            Some((1, PageMismatch::WrongVersion { found: 1 }))
+        );
     }
 
     #[test]

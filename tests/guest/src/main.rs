@@ -14,8 +14,8 @@ use core::arch::{asm, global_asm};
 use core::fmt::{self, Write};
 
 use guest_abi::{
-    check_page, command, dirty_test_pages, fill_page, BootParams, DataLayout, MemoryHash,
-    PageMismatch, BOOT_PARAMS, IMAGE_BASE, PAGE_SIZE, STACK_TOP,
+    check_page, command, dirty_test_pages, fill_page, verify_pages, BootParams, DataLayout,
+    PageMismatch, VerifyReport, BOOT_PARAMS, IMAGE_BASE, PAGE_SIZE, STACK_TOP,
 };
 
 const COM1: u16 = 0x3F8;
@@ -121,23 +121,8 @@ impl Memory {
     }
 
     /// Checks every page and hashes the version table and all pages.
-    fn verify_all(&self) -> (Result<(), (u64, PageMismatch)>, u64, u64) {
-        let mut hash = MemoryHash::default();
-        let mut first_bad = Ok(());
-        let mut bad = 0;
-        for index in 0..self.layout.pages {
-            hash.add_word(u64::from(self.version(index)));
-        }
-        for index in 0..self.layout.pages {
-            if let Err(m) = self.check(index) {
-                bad += 1;
-                if first_bad.is_ok() {
-                    first_bad = Err((index, m));
-                }
-            }
-            self.page(index).iter().for_each(|&w| hash.add_word(w));
-        }
-        (first_bad, bad, hash.value())
+    fn verify_all(&self) -> VerifyReport {
+        verify_pages(self.layout.pages, |i| self.version(i), |i| &*self.page(i))
     }
 }
 
@@ -224,10 +209,13 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
         if inb(COM1_LSR) & 1 != 0 {
             match inb(COM1) {
                 command::VERIFY => {
-                    let (result, bad, hash) = memory.verify_all();
-                    match result {
-                        Ok(()) => say!("verify ok pages={pages} hash={hash:#018x}"),
-                        Err((page, m)) => {
+                    let t0 = rdtsc();
+                    let report = memory.verify_all();
+                    let cycles = rdtsc() - t0;
+                    let (bad, hash) = (report.bad, report.hash);
+                    match report.first_bad {
+                        None => say!("verify ok pages={pages} hash={hash:#018x} cycles={cycles}"),
+                        Some((page, m)) => {
                             status = Err((page, m));
                             say!("verify FAILED bad={bad} first page {page}: {m:?} hash={hash:#018x}")
                         }
