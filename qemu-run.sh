@@ -10,7 +10,9 @@
 #   --mem MiB          memory per node (default 512)
 #   --nic MODEL        QEMU NIC model for the node links: e1000 (default) or virtio-net-pci
 #   --set KEY=VALUE    add (or replace) a line in every node's configuration file; repeatable
-#                      (defaults: name = nodeK, log_level = info, on_panic = halt)
+#                      (defaults: name = nodeK, log_level = info, on_panic = halt,
+#                      cluster_addr = 10.10.0.K/24, peer.nodeJ = 10.10.0.J for every other node J;
+#                      QEMU, 2 or more nodes: storage_addr = 10.0.2.15/24)
 #   --headless DIR     no terminal: node K's serial console is the unix socket DIR/nodeK.sock and
 #                      its complete serial output DIR/nodeK.log; prints the line READY on stdout
 #                      once every node printed "console ready", then runs until SIGINT/SIGTERM,
@@ -27,6 +29,12 @@
 #
 # Links: two nodes are wired NIC to NIC (QEMU -netdev socket on 127.0.0.1), three or more through
 # a vde_switch started (and stopped) here; the NIC MACs are 52:54:00:00:01:0K (K = node number).
+# The cluster network on those links is 10.10.0.0/24, node K at 10.10.0.K: addresses that exist
+# only inside the emulated links (frames travel between the emulators over loopback).
+# The storage network (QEMU, two or more nodes): a second NIC per node on its own QEMU user-mode
+# network (-netdev user: the node is 10.0.2.15/24, the host's 127.0.0.1 is reachable as
+# 10.0.2.2), MAC 52:54:00:00:02:0K, at PCI slot 4 (the cluster NIC is at slot 3: the kernel
+# takes the first NIC for the cluster network, the second for the storage network).
 # Under Bochs, two or more nodes get an e1000 each (ethmod=socket: frames in UDP datagrams),
 # linked through frame-hub on 127.0.0.1 (a hub: every frame to every other node).
 #
@@ -315,6 +323,16 @@ for ((k = 1; k <= NODES; k++)); do
             [[ "$key" == name && -z "$value" ]] && value="node$k"
             printf '%s = %s\n' "$key" "$value"
         done
+        # The cluster network (unless --set gave these keys): node K is 10.10.0.K/24, and knows
+        # every other node by its default name.
+        [[ -v "CFG[cluster_addr]" ]] || printf 'cluster_addr = 10.10.0.%d/24\n' "$k"
+        for ((j = 1; j <= NODES; j++)); do
+            ((j == k)) && continue
+            [[ -v "CFG[peer.node$j]" ]] || printf 'peer.node%d = 10.10.0.%d\n' "$j" "$j"
+        done
+        if [[ "$EMULATOR" == qemu && "$NODES" -ge 2 && ! -v "CFG[storage_addr]" ]]; then
+            printf 'storage_addr = 10.0.2.15/24\n'
+        fi
     } >"$cfg"
     img="$RUN_DIR/node$k.img"
     if [[ "$FIRMWARE" == uefi ]]; then
@@ -344,6 +362,7 @@ listen_port_of() { # the TCP port PID listens on (127.0.0.1), if any
 }
 
 mac_of() { printf '52:54:00:00:01:%02x' "$1"; }
+storage_mac_of() { printf '52:54:00:00:02:%02x' "$1"; }
 
 # ---------------------------------------------------------------------------------------------
 # Start the nodes
@@ -388,7 +407,11 @@ start_qemu() {
     else
         net=(-netdev "vde,id=link,sock=$SWITCH")
     fi
-    ((NODES >= 2)) && net+=(-device "$NIC,netdev=link,mac=$(mac_of "$k")")
+    if ((NODES >= 2)); then
+        net+=(-device "$NIC,netdev=link,mac=$(mac_of "$k"),addr=0x3")
+        # The storage network: user-mode networking, private to this node.
+        net+=(-netdev "user,id=storage,ipv6=off" -device "$NIC,netdev=storage,mac=$(storage_mac_of "$k"),addr=0x4")
+    fi
     spawn "node$k (qemu)" TERM "$RUN_DIR/node$k.emu.out" "${args[@]}" "${net[@]}"
     EMU_PIDS[k - 1]=$SPAWNED_PID
     if ((NODES == 2 && k == 1)); then

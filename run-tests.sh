@@ -7,9 +7,11 @@
 #      library tests
 #   4. host unit tests: every host crate, and the kernel's library on the host
 #   5. kernel + disk images (qemu-run.sh --build-only)
-#   6. end-to-end tests: real nodes under QEMU (SVM) and Bochs (VMX) (tests/tests/e2e.rs)
+#   6. end-to-end tests: real nodes under QEMU (SVM) and Bochs (VMX): every test binary of the
+#      tests crate (tests/tests/*.rs: e2e.rs, vms.rs, ...), then the benchmark figures they
+#      wrote to target/bench/
 #
-# Usage: ./run-tests.sh [--no-e2e] [-- <extra arguments for the e2e test binary, e.g. a filter>]
+# Usage: ./run-tests.sh [--no-e2e] [-- <extra arguments for the e2e test binaries, e.g. a filter>]
 # Every step runs even when an earlier one failed (except those that need its output); the exit
 # status is non-zero if any step failed. Works unattended: CI=true, no stdin, as root, from a
 # fresh clone. E2E_THREADS (default 2) sets how many end-to-end tests run at once.
@@ -112,15 +114,22 @@ else
     elif ((!IMAGES_OK)); then
         skip "end-to-end tests" "no images"
     else
-        # Old run directories of failed tests are from earlier runs: start clean.
-        rm -rf "$TARGET_DIR/e2e"
-        # The images are built: the harness must not build again. 2 tests at a time (2 cores;
-        # idle QEMU nodes halt, Bochs always spins). Bounded: the harness bounds every wait, and
-        # this bounds the whole.
+        # Old run directories of failed tests and old figures are from earlier runs: start clean.
+        rm -rf "$TARGET_DIR/e2e" "$TARGET_DIR/bench"
+        # The images are built: the harness must not build again. Every test binary of the tests
+        # crate (--test '*'), each run even if an earlier one failed (--no-fail-fast); 2 tests at
+        # a time (2 cores; idle QEMU nodes halt, Bochs always spins). Bounded: the harness bounds
+        # every wait, and this bounds the whole.
         step "end-to-end tests" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" E2E_THREADS="${E2E_THREADS:-2}" \
-            timeout -k 30 1500 bash -c 'set -o pipefail
-                cargo test -p tests --test e2e -- --include-ignored --test-threads "$E2E_THREADS" "$@" 2>&1 |
-                    tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
+            timeout -k 30 2400 bash -c 'set -o pipefail
+                cargo test -p tests --test "*" --no-fail-fast -- --include-ignored \
+                    --test-threads "$E2E_THREADS" "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
+        # Figures printed by benchmark-style tests (e.g. vms.rs bench_verify_in_vm_vs_native).
+        for f in "$TARGET_DIR"/bench/*.txt; do
+            [[ -f "$f" ]] || continue
+            echo "run-tests: benchmark figures from ${f#"$ROOT"/}:"
+            sed 's/^/    /' "$f"
+        done
         if [[ -d "$TARGET_DIR/e2e" ]] && [[ -n "$(ls -A "$TARGET_DIR/e2e" 2>/dev/null)" ]]; then
             echo "run-tests: logs of failed end-to-end tests are kept in $TARGET_DIR/e2e/"
         fi

@@ -8,6 +8,8 @@
 //! name      = alpha
 //! log_level = debug
 //! on_panic  = exit
+//! cluster_addr = 10.10.0.1/24
+//! peer.node2   = 10.10.0.2
 //! ```
 //!
 //! - UTF-8 text (a leading byte-order mark is skipped), at most
@@ -29,20 +31,29 @@
 //! | `name`      | 1 to 32 of `A-Z a-z 0-9 _ -`, starting with a letter | `node`  |
 //! | `log_level` | `off`, `error`, `warn`, `info`, `debug`, `trace`   | `info`  |
 //! | `on_panic`  | `halt` (stop the CPU) or `exit` (power the emulator off with a failure status, for tests) | `halt` |
+//! | `cluster_addr` | this node's address on the cluster network, with prefix length (`10.10.0.1/24`); empty: none | none |
+//! | `storage_addr` | this node's address on the storage network (the second NIC), with prefix length (QEMU user networking: `10.0.2.15/24`); empty: none | none |
+//! | `peer.<node>` | the cluster-network address of node `<node>` (a node name), e.g. `peer.node2 = 10.10.0.2` | |
 //!
 //! Values of `log_level` and `on_panic` are matched ignoring ASCII case.
-//! Unknown keys are kept, in file order, in [`NodeConfig::extra`] and reported
-//! as [`ConfigWarning`]s: later features (network addresses, peers) read them.
+//! Addresses are strict dotted quads (see [`net::addr`]): an interface address
+//! must be unicast and not its subnet's network or broadcast address; a peer
+//! address must be unicast. Peers are kept in file order.
+//! Unknown keys (including `peer.` keys whose node name is not valid) are kept,
+//! in file order, in [`NodeConfig::extra`] and reported as [`ConfigWarning`]s:
+//! later features read them.
 //!
 //! [`NodeConfig`]'s `Display` writes the effective configuration in this same
 //! format, and parsing that text gives back the same configuration.
 
 use alloc::collections::BTreeSet;
+use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
 use log::LevelFilter;
+use net::addr::{Ipv4, Ipv4Net};
 
 /// Longest line accepted, in bytes, without its line ending.
 pub const MAX_LINE: usize = 256;
@@ -51,8 +62,18 @@ pub const MAX_FILE: usize = 16 * 1024;
 /// Longest node name, in characters.
 pub const MAX_NAME: usize = 32;
 
-/// The keys [`NodeConfig`] knows, in the order it prints them.
-pub const KNOWN_KEYS: [&str; 3] = ["name", "log_level", "on_panic"];
+/// The keys [`NodeConfig`] knows, in the order it prints them (then the
+/// `peer.<node>` keys, see [`PEER_PREFIX`]).
+pub const KNOWN_KEYS: [&str; 5] = [
+    "name",
+    "log_level",
+    "on_panic",
+    "cluster_addr",
+    "storage_addr",
+];
+
+/// Keys `peer.<node>` give a peer node's cluster-network address.
+pub const PEER_PREFIX: &str = "peer.";
 
 const LOG_LEVELS: [(&str, LevelFilter); 6] = [
     ("off", LevelFilter::Off),
@@ -125,9 +146,16 @@ pub fn is_valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// True if `key` is one of [`KNOWN_KEYS`].
+/// True if `key` is one of [`KNOWN_KEYS`] or `peer.<node>` with a valid node
+/// name.
 pub fn is_known_key(key: &str) -> bool {
-    KNOWN_KEYS.contains(&key)
+    KNOWN_KEYS.contains(&key) || peer_key_name(key).is_some()
+}
+
+/// The node name of a `peer.<node>` key.
+fn peer_key_name(key: &str) -> Option<&str> {
+    key.strip_prefix(PEER_PREFIX)
+        .filter(|name| is_valid_node_name(name))
 }
 
 /// What is wrong with a line or a setting.
@@ -181,6 +209,20 @@ impl fmt::Display for ConfigErrorKind {
                     "bad value for `log_level`: off, error, warn, info, debug or trace"
                 ),
                 "on_panic" => write!(f, "bad value for `on_panic`: halt or exit"),
+                "cluster_addr" => write!(
+                    f,
+                    "bad value for `cluster_addr`: a unicast IPv4 address with prefix length, \
+                     e.g. 10.10.0.1/24 (or empty for none)"
+                ),
+                "storage_addr" => write!(
+                    f,
+                    "bad value for `storage_addr`: a unicast IPv4 address with prefix length, \
+                     e.g. 10.0.2.15/24 (or empty for none)"
+                ),
+                k if peer_key_name(k).is_some() => write!(
+                    f,
+                    "bad value for `{k}`: a unicast IPv4 address, e.g. 10.10.0.2"
+                ),
                 _ => write!(f, "bad value for `{key}`: control characters are not allowed"),
             },
             ConfigErrorKind::DuplicateKey { key } => write!(f, "`{key}` is set twice"),
@@ -230,6 +272,15 @@ impl fmt::Display for ConfigWarning {
     }
 }
 
+/// Another node of the cluster, as the configuration names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its node name (as in `peer.<name>`).
+    pub name: String,
+    /// Its cluster-network address.
+    pub addr: Ipv4,
+}
+
 /// The node's configuration. See the [module docs](self).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -239,6 +290,12 @@ pub struct NodeConfig {
     pub log_level: LevelFilter,
     /// What happens after a panic or fatal exception.
     pub on_panic: OnPanic,
+    /// This node's address on the cluster network.
+    pub cluster_addr: Option<Ipv4Net>,
+    /// This node's address on the storage network (`storage_addr`).
+    pub storage_addr: Option<Ipv4Net>,
+    /// Other nodes by name, in file order (names are unique).
+    pub peers: Vec<Peer>,
     /// Keys this kernel does not know, with their values, in file order.
     pub extra: Vec<(String, String)>,
 }
@@ -249,6 +306,9 @@ impl Default for NodeConfig {
             name: String::from("node"),
             log_level: LevelFilter::Info,
             on_panic: OnPanic::Halt,
+            cluster_addr: None,
+            storage_addr: None,
+            peers: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -339,28 +399,54 @@ impl NodeConfig {
     }
 
     /// The value of `key` as the file would spell it.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries().find(|&(k, _)| k == key).map(|(_, v)| v)
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.entries()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
-    /// Every key and its effective value: the known keys first (always
-    /// present), then [`extra`](Self::extra) in order.
-    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
-        let known = [
-            ("name", self.name.as_str()),
-            ("log_level", log_level_name(self.log_level)),
-            ("on_panic", self.on_panic.as_str()),
-        ];
-        known
-            .into_iter()
-            .chain(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    /// Every key and its effective value: `name`, `log_level` and `on_panic`
+    /// (always present), `cluster_addr` and `storage_addr` (when set), the peers, then
+    /// [`extra`](Self::extra) in order.
+    pub fn entries(&self) -> Vec<(String, String)> {
+        let mut entries = Vec::with_capacity(4 + self.peers.len() + self.extra.len());
+        entries.push(("name".into(), self.name.clone()));
+        entries.push(("log_level".into(), log_level_name(self.log_level).into()));
+        entries.push(("on_panic".into(), self.on_panic.as_str().into()));
+        if let Some(addr) = self.cluster_addr {
+            entries.push(("cluster_addr".into(), addr.to_string()));
+        }
+        if let Some(addr) = self.storage_addr {
+            entries.push(("storage_addr".into(), addr.to_string()));
+        }
+        for peer in &self.peers {
+            entries.push((format!("{PEER_PREFIX}{}", peer.name), peer.addr.to_string()));
+        }
+        entries.extend(self.extra.iter().cloned());
+        entries
     }
 
     /// The lines [`Display`](fmt::Display) writes, without line endings.
-    pub fn lines(&self) -> impl Iterator<Item = String> + '_ {
+    pub fn lines(&self) -> Vec<String> {
         let spaced = self.spaced_len() <= MAX_FILE;
         self.entries()
-            .map(move |(k, v)| Entry::new(k, v, spaced).to_string())
+            .iter()
+            .map(|(k, v)| Entry::new(k, v, spaced).to_string())
+            .collect()
+    }
+
+    /// The cluster-network address of the peer called `name`.
+    pub fn peer_addr(&self, name: &str) -> Option<Ipv4> {
+        self.peers.iter().find(|p| p.name == name).map(|p| p.addr)
+    }
+
+    /// The name of the peer at `addr` (the first one, if several share it).
+    pub fn peer_name(&self, addr: Ipv4) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|p| p.addr == addr)
+            .map(|p| p.name.as_str())
     }
 
     /// Sets a known key from its file spelling, or stores an unknown one.
@@ -377,6 +463,31 @@ impl NodeConfig {
             }
             "log_level" => self.log_level = parse_log_level(value).ok_or_else(bad)?,
             "on_panic" => self.on_panic = OnPanic::parse(value).ok_or_else(bad)?,
+            "cluster_addr" => {
+                self.cluster_addr = if value.is_empty() {
+                    None
+                } else {
+                    Some(Ipv4Net::parse(value).map_err(|_| bad())?)
+                };
+            }
+            "storage_addr" => {
+                self.storage_addr = if value.is_empty() {
+                    None
+                } else {
+                    Some(Ipv4Net::parse(value).map_err(|_| bad())?)
+                };
+            }
+            _ if peer_key_name(key).is_some() => {
+                let name = peer_key_name(key).unwrap_or_default();
+                let addr = Ipv4::parse_unicast(value).map_err(|_| bad())?;
+                match self.peers.iter_mut().find(|p| p.name == name) {
+                    Some(peer) => peer.addr = addr,
+                    None => self.peers.push(Peer {
+                        name: name.to_string(),
+                        addr,
+                    }),
+                }
+            }
             _ => {
                 check_extra_value(key, value)?;
                 self.extra.push((key.to_string(), value.to_string()));
@@ -388,13 +499,17 @@ impl NodeConfig {
     /// Length of the text with every line as `key = value`.
     fn spaced_len(&self) -> usize {
         self.entries()
+            .iter()
             .map(|(k, v)| Entry::new(k, v, true).len() + 1)
             .sum()
     }
 
     /// Length of the text with every line as `key=value` (the shortest form).
     fn compact_len(&self) -> usize {
-        self.entries().map(|(k, v)| k.len() + v.len() + 2).sum()
+        self.entries()
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum()
     }
 }
 
@@ -434,7 +549,7 @@ impl fmt::Display for NodeConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let spaced = self.spaced_len() <= MAX_FILE;
         for (k, v) in self.entries() {
-            writeln!(f, "{}", Entry::new(k, v, spaced))?;
+            writeln!(f, "{}", Entry::new(&k, &v, spaced))?;
         }
         Ok(())
     }
@@ -623,8 +738,8 @@ mod tests {
         );
         // Values keep inner `=` and `#`; keys are case-sensitive.
         let (config, warnings) = parse("secret = a=b#c\nName = x").unwrap();
-        assert_eq!(config.get("secret"), Some("a=b#c"));
-        assert_eq!(config.get("Name"), Some("x"));
+        assert_eq!(config.get("secret").as_deref(), Some("a=b#c"));
+        assert_eq!(config.get("Name").as_deref(), Some("x"));
         assert_eq!(config.name, "node");
         assert_eq!(warnings.len(), 2);
     }
@@ -731,7 +846,7 @@ mod tests {
         );
         // Valid non-ASCII UTF-8 is fine in values of unknown keys.
         let (config, _) = NodeConfig::parse("location = Zürich".as_bytes()).unwrap();
-        assert_eq!(config.get("location"), Some("Zürich"));
+        assert_eq!(config.get("location").as_deref(), Some("Zürich"));
     }
 
     #[test]
@@ -800,8 +915,8 @@ mod tests {
                 ("addr".to_string(), "10.0.0.1".to_string()),
             ]
         );
-        assert_eq!(config.get("peer"), Some("10.0.0.3"));
-        assert_eq!(config.get("log_level"), Some("trace"));
+        assert_eq!(config.get("peer").as_deref(), Some("10.0.0.3"));
+        assert_eq!(config.get("log_level").as_deref(), Some("trace"));
         assert_eq!(config.get("missing"), None);
     }
 
@@ -833,7 +948,7 @@ mod tests {
             "name = node\nlog_level = info\non_panic = halt\n"
         );
         config.set("peer", "10.0.0.2").unwrap();
-        let lines: Vec<String> = config.lines().collect();
+        let lines: Vec<String> = config.lines();
         assert_eq!(
             lines,
             [
@@ -886,6 +1001,153 @@ mod tests {
         assert!(printed.len() <= MAX_FILE);
         assert_eq!(printed, text);
         assert_eq!(parse(&printed).unwrap().0, config);
+    }
+
+    #[test]
+    fn storage_address() {
+        let (config, warnings) = parse("storage_addr = 10.0.2.15/24\n").unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(
+            config.storage_addr,
+            Some(Ipv4Net::parse("10.0.2.15/24").unwrap())
+        );
+        assert_eq!(config.get("storage_addr").as_deref(), Some("10.0.2.15/24"));
+        assert!(is_known_key("storage_addr"));
+        assert_eq!(parse("storage_addr =\n").unwrap().0.storage_addr, None);
+        assert_eq!(
+            error("storage_addr = 10.0.2.15"),
+            err(1, bad_value("storage_addr"))
+        );
+        assert!(bad_value("storage_addr")
+            .to_string()
+            .contains("10.0.2.15/24"));
+        let mut config = NodeConfig::default();
+        config.set("storage_addr", "10.0.2.16/24").unwrap();
+        assert_eq!(config.storage_addr.unwrap().to_string(), "10.0.2.16/24");
+        config.set("storage_addr", "").unwrap();
+        assert_eq!(config.storage_addr, None);
+    }
+
+    #[test]
+    fn cluster_address_and_peers() {
+        let text = "name = node1\ncluster_addr = 10.10.0.1/24\npeer.node2 = 10.10.0.2\n\
+                    note = x\npeer.node3 = 10.10.0.3\n";
+        let (config, warnings) = parse(text).unwrap();
+        assert_eq!(
+            warnings,
+            vec![ConfigWarning::UnknownKey {
+                line: 4,
+                key: "note".into()
+            }]
+        );
+        assert_eq!(
+            config.cluster_addr,
+            Some(Ipv4Net::parse("10.10.0.1/24").unwrap())
+        );
+        assert_eq!(
+            config.peers,
+            vec![
+                Peer {
+                    name: "node2".into(),
+                    addr: Ipv4([10, 10, 0, 2])
+                },
+                Peer {
+                    name: "node3".into(),
+                    addr: Ipv4([10, 10, 0, 3])
+                },
+            ]
+        );
+        assert_eq!(config.peer_addr("node3"), Some(Ipv4([10, 10, 0, 3])));
+        assert_eq!(config.peer_addr("node9"), None);
+        assert_eq!(config.peer_name(Ipv4([10, 10, 0, 2])), Some("node2"));
+        assert_eq!(config.peer_name(Ipv4([10, 10, 0, 1])), None);
+        assert_eq!(config.get("cluster_addr").as_deref(), Some("10.10.0.1/24"));
+        assert_eq!(config.get("peer.node2").as_deref(), Some("10.10.0.2"));
+        // Printed in the file format: known keys, peers, then unknown keys.
+        let printed = config.to_string();
+        assert_eq!(
+            printed,
+            "name = node1\nlog_level = info\non_panic = halt\ncluster_addr = 10.10.0.1/24\n\
+             peer.node2 = 10.10.0.2\npeer.node3 = 10.10.0.3\nnote = x\n"
+        );
+        assert_eq!(parse(&printed).unwrap().0, config);
+        // An empty cluster_addr means none (and is not printed).
+        let (config, _) = parse("cluster_addr =\n").unwrap();
+        assert_eq!(config.cluster_addr, None);
+        assert_eq!(config, NodeConfig::default());
+        assert!(is_known_key("peer.node-2_b"));
+        assert!(is_known_key("cluster_addr"));
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        for bad in [
+            "10.10.0.1",
+            "10.10.0.1/",
+            "10.10.0.1/33",
+            "10.10.0.0/24",
+            "10.10.0.255/24",
+            "300.1.1.1/24",
+            "127.0.0.1/8",
+            "10.10.0.1/24 extra",
+            "node1",
+        ] {
+            assert_eq!(
+                error(&format!("cluster_addr = {bad}")),
+                err(1, bad_value("cluster_addr")),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "10.10.0.2/24",
+            "",
+            "224.0.0.1",
+            "0.0.0.0",
+            "10.10.0",
+            "node2",
+        ] {
+            assert_eq!(
+                error(&format!("name = a\npeer.node2 = {bad}")),
+                err(2, bad_value("peer.node2")),
+                "{bad:?}"
+            );
+        }
+        assert!(bad_value("peer.node2").to_string().contains("10.10.0.2"));
+        assert!(bad_value("cluster_addr").to_string().contains("/24"));
+        assert_eq!(
+            error("peer.node2 = 10.10.0.2\npeer.node2 = 10.10.0.3"),
+            err(
+                2,
+                ConfigErrorKind::DuplicateKey {
+                    key: "peer.node2".into()
+                }
+            )
+        );
+        // `peer.` with something that is not a node name is an unknown key, kept.
+        let (config, warnings) = parse("peer.2bad = 10.10.0.2\npeer. = x").unwrap();
+        assert!(config.peers.is_empty());
+        assert_eq!(warnings.len(), 2);
+        assert_eq!(config.get("peer.2bad").as_deref(), Some("10.10.0.2"));
+    }
+
+    #[test]
+    fn addresses_can_be_overridden() {
+        let mut config = NodeConfig::default();
+        config.set("cluster_addr", "10.10.0.7/16").unwrap();
+        config.set("peer.node2", "10.10.0.2").unwrap();
+        config.set("peer.node3", "10.10.0.3").unwrap();
+        config.set("peer.node2", "10.10.0.22").unwrap();
+        assert_eq!(config.cluster_addr.unwrap().to_string(), "10.10.0.7/16");
+        assert_eq!(config.peer_addr("node2"), Some(Ipv4([10, 10, 0, 22])));
+        assert_eq!(config.peers.len(), 2);
+        let before = config.clone();
+        assert_eq!(
+            config.set("cluster_addr", "10.10.0.7"),
+            Err(bad_value("cluster_addr"))
+        );
+        assert_eq!(config.set("peer.node2", "x"), Err(bad_value("peer.node2")));
+        assert_eq!(config, before);
+        assert!(config.extra.is_empty());
     }
 
     #[test]

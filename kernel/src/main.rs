@@ -2,7 +2,7 @@
 //!
 //! Walk it from [`kernel_main`]: serial and logging first (so everything after can speak),
 //! descriptor tables, memory, the node configuration, CPU capabilities, the local APIC timer,
-//! and finally the console loop in [`shell::run`].
+//! PCI and the cluster network interface, and finally the console loop in [`shell::run`].
 
 #![no_std]
 #![no_main]
@@ -14,6 +14,8 @@ mod clock;
 mod fault;
 mod logger;
 mod mem;
+mod net;
+mod pci;
 mod serial;
 mod shell;
 mod trap;
@@ -81,8 +83,17 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         frames.free / 256
     );
 
+    let functions = pci::init();
+    log::info!("pci: {} functions", functions.len());
+    let net = net::init(&config, functions);
+
     let vms = vm::VmTable::new(&caps);
-    shell::run(shell::Node { config, caps, vms })
+    shell::run(shell::Node {
+        config,
+        caps,
+        vms,
+        net,
+    })
 }
 
 /// Copies the bootloader ramdisk (the node configuration file) into `buf`; returns its length.

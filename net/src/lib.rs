@@ -1,8 +1,23 @@
 //! `net`: host networking for a node of the cluster.
 //!
-//! It will hold the NIC drivers, the smoltcp interfaces of the cluster and storage networks, the
-//! TCP stream transport that `migrate` and `storage` use, and the announcements that move a
-//! migrated VM's traffic to its new host. Today it holds the last of those: [`announce`].
+//! It holds the NIC drivers, the smoltcp interfaces of the cluster and storage networks, the
+//! TCP stream transport that `migrate` and `storage` use (to come), and the announcements that
+//! move a migrated VM's traffic to its new host:
+//!
+//! - [`pci`]: PCI enumeration over a [`pci::ConfigSpace`] (the kernel's I/O ports, or a fake);
+//! - [`hw`]: the two hardware seams of a driver, registers ([`hw::Mmio`]) and DMA memory
+//!   ([`hw::DmaRegion`]);
+//! - [`e1000`]: the Intel 82540EM driver, a smoltcp `phy::Device`;
+//! - [`stack`]: one smoltcp interface with its sockets, a mirror of its neighbor cache
+//!   ([`neighbors`]) and the `ping` job ([`ping`]), driven by a bounded poll;
+//! - [`transport`]: the byte-stream [`Transport`] (timeouts, typed errors) over smoltcp TCP
+//!   ([`stack::TcpTransport`]) or, with the `std` feature, `std::net::TcpStream`;
+//! - [`bench`]: the `net bench` / `net send` job and the bench listener (TCP port 5001);
+//! - [`addr`]: IPv4 addresses and prefixes as the node configuration spells them;
+//! - [`announce`]: gratuitous ARP / RARP for migrated VMs.
+//!
+//! Everything here is `no_std + alloc` and tested on the host: the drivers against device
+//! models, the stack with two interfaces wired back to back.
 //!
 //! Dependency rule: `net` never depends on `vmx`, `migrate`, `storage` or the kernel. The others
 //! reach the network through traits; the kernel wires the concrete types together.
@@ -10,9 +25,22 @@
 #![no_std]
 
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(test, feature = "std"))]
 extern crate std;
 
+pub mod addr;
 pub mod announce;
+pub mod bench;
+pub mod e1000;
+pub mod hw;
+pub mod neighbors;
+pub mod pci;
+pub mod ping;
+pub mod stack;
+pub mod transport;
+
+/// The TCP/IP stack this crate builds on (its `time` types appear in the APIs here).
+pub use smoltcp;
 
 pub use announce::{gratuitous_arp, rarp_announce, AnnounceParams, AnnounceSchedule};
+pub use transport::{Transport, TransportError};

@@ -65,7 +65,8 @@ pub enum Firmware {
 pub enum Emulator {
     /// QEMU TCG with `-cpu EPYC`: AMD SVM with nested paging.
     Qemu,
-    /// Bochs with an Intel model (corei7_skylake_x): VMX with EPT and A/D bits. BIOS only.
+    /// Bochs with an Intel model ([`ClusterOptions::bochs_cpu`], by default corei7_skylake_x: VMX
+    /// with EPT and A/D bits). BIOS only.
     Bochs,
 }
 
@@ -76,6 +77,9 @@ pub struct ClusterOptions {
     pub nodes: usize,
     pub firmware: Firmware,
     pub emulator: Emulator,
+    /// The Bochs CPU model (`qemu-run.sh --bochs-cpu`), e.g. `corei7_ivy_bridge_3770k` (EPT
+    /// without A/D bits); `None`: the script's default, corei7_skylake_x. Only for Bochs.
+    pub bochs_cpu: Option<String>,
     /// Memory per node.
     pub mem_mib: u32,
     /// Extra `key = value` lines for every node's configuration (`qemu-run.sh --set`), e.g.
@@ -91,6 +95,7 @@ impl Default for ClusterOptions {
             nodes: 2,
             firmware: Firmware::Bios,
             emulator: Emulator::Qemu,
+            bochs_cpu: None,
             mem_mib: 512,
             set: Vec::new(),
             boot_timeout: Duration::from_secs(180),
@@ -105,6 +110,21 @@ impl ClusterOptions {
             nodes: 1,
             ..Default::default()
         }
+    }
+
+    /// One node under Bochs with its default CPU model (Intel VMX, EPT with A/D bits).
+    pub fn single_bochs() -> Self {
+        ClusterOptions {
+            emulator: Emulator::Bochs,
+            ..Self::single()
+        }
+    }
+
+    /// Runs the nodes under Bochs with this CPU model (`qemu-run.sh --bochs-cpu MODEL`).
+    pub fn with_bochs_cpu(mut self, model: &str) -> Self {
+        self.emulator = Emulator::Bochs;
+        self.bochs_cpu = Some(model.to_string());
+        self
     }
 
     /// Adds a configuration line for every node.
@@ -126,6 +146,10 @@ impl ClusterOptions {
         }
         if self.emulator == Emulator::Bochs {
             args.push("--bochs".into());
+            if let Some(model) = &self.bochs_cpu {
+                args.push("--bochs-cpu".into());
+                args.push(model.clone());
+            }
         }
         for (k, v) in &self.set {
             args.push("--set".into());
@@ -767,6 +791,34 @@ impl Console {
         Ok(out.strip_suffix(&prompt).unwrap_or(&out).to_string())
     }
 
+    /// Runs one command while the node may print other lines at any time (running VMs' guest
+    /// lines `[name] ...`, after each of which the shell redraws its prompt and the line being
+    /// typed): [`command`](Self::command) would stop at such a redrawn prompt. This waits for
+    /// the echo of the whole line and its line end (`line\r\n`, which the editor prints on
+    /// Enter, after any redraw), then for the prompt the shell prints after the command's
+    /// output: nothing else can come in between, the shell runs a command to its end before
+    /// it shows guest output. Returns the text before the echo (what the node printed since
+    /// the last match: guest lines, for instance) and the command's output (neither the echo
+    /// nor the prompt).
+    pub fn command_amid_output(&mut self, line: &str) -> Result<(String, String), ExpectError> {
+        self.send_line(line).map_err(|e| ExpectError {
+            node: self.node.clone(),
+            pattern: format!("{line}\r\n"),
+            reason: format!("cannot send {line:?}: {e}"),
+            tail: String::new(),
+        })?;
+        let timeout = self.default_timeout;
+        let echo = format!("{line}\r\n");
+        let before = self.expect(&echo, timeout)?;
+        let before = before.strip_suffix(&echo).unwrap_or(&before).to_string();
+        let out = self.wait_prompt()?;
+        let prompt = self.prompt();
+        Ok((
+            before,
+            out.strip_suffix(&prompt).unwrap_or(&out).to_string(),
+        ))
+    }
+
     /// Forgets the output not matched yet: after a short quiet period (no new output for
     /// `quiet`, at most `timeout` in all), moves the cursor to the end of what was printed.
     pub fn skip_output(&mut self, quiet: Duration, timeout: Duration) {
@@ -901,6 +953,22 @@ mod unit {
             ..ClusterOptions::single()
         };
         assert!(bochs.script_args().contains(&"--bochs".to_string()));
+        assert!(!bochs.script_args().contains(&"--bochs-cpu".to_string()));
+        let ivy = ClusterOptions::single().with_bochs_cpu("corei7_ivy_bridge_3770k");
+        assert_eq!(ivy.emulator, Emulator::Bochs);
+        assert_eq!(
+            ivy.script_args(),
+            [
+                "--nodes",
+                "1",
+                "--mem",
+                "512",
+                "--bochs",
+                "--bochs-cpu",
+                "corei7_ivy_bridge_3770k"
+            ]
+        );
+        assert_eq!(ClusterOptions::single_bochs().emulator, Emulator::Bochs);
     }
 
     #[test]

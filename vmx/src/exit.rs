@@ -80,6 +80,10 @@ pub enum EntryFailure {
     VmxMachineCheck,
     /// VMX exit reason with bit 31 set and a basic reason not listed above.
     VmxOther { reason: u32 },
+    /// VMLAUNCH/VMRESUME (or a VMCS access the entry depends on) failed as an instruction, so
+    /// no VM exit happened (SDM 31.2): `error` is the VM-instruction error number of VMfailValid
+    /// (SDM 31.4), 0 for VMfailInvalid (no current VMCS).
+    VmxInstruction { error: u32 },
 }
 
 impl fmt::Display for EntryFailure {
@@ -95,6 +99,14 @@ impl fmt::Display for EntryFailure {
             }
             Self::VmxMachineCheck => f.write_str("VM entry failed: machine check"),
             Self::VmxOther { reason } => write!(f, "VM entry failed: exit reason {reason:#x}"),
+            Self::VmxInstruction { error: 0 } => {
+                f.write_str("VM entry failed: VMfailInvalid (no current VMCS)")
+            }
+            Self::VmxInstruction { error } => write!(
+                f,
+                "VM entry failed: {}",
+                crate::vtx::VmInstructionError::from_number(*error)
+            ),
         }
     }
 }
@@ -485,5 +497,13 @@ mod tests {
             reason: EntryFailure::VmxInvalidGuestState { qualification: 0 },
         };
         assert!(f.to_string().contains("invalid guest state"));
+        let f = VmExit::EntryFailed {
+            reason: EntryFailure::VmxInstruction { error: 7 },
+        };
+        assert!(f.to_string().contains("invalid control field"), "{f}");
+        let f = VmExit::EntryFailed {
+            reason: EntryFailure::VmxInstruction { error: 0 },
+        };
+        assert!(f.to_string().contains("VMfailInvalid"), "{f}");
     }
 }

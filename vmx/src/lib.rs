@@ -21,8 +21,10 @@ pub use caps::{
     discover, Capabilities, CpuInfoSource, CpuidResult, EptVpidCaps, SvmCaps, Vendor,
     Virtualization, VmxCaps,
 };
+pub mod decode;
 pub mod dirty;
 pub mod exit;
+pub mod guest_mem;
 pub mod paging;
 pub mod state;
 pub mod svm;

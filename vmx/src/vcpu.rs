@@ -53,6 +53,39 @@ pub enum Gpr {
     R15 = 15,
 }
 
+/// A backend's block of guest GPRs, the ones its world switch loads and stores, addressed by
+/// register number. The registers the hardware structure holds instead (RSP in the VMCS; RAX
+/// and RSP in the VMCB) have no slot. Implemented with `gpr_block!`.
+pub(crate) trait GprBlock {
+    /// `reg`'s slot, or `None` if the VMCB/VMCS holds it.
+    fn slot(&self, reg: Gpr) -> Option<&u64>;
+    /// `reg`'s slot for writing, or `None` if the VMCB/VMCS holds it.
+    fn slot_mut(&mut self, reg: Gpr) -> Option<&mut u64>;
+}
+
+/// Implements [`GprBlock`] for a GPR struct from its `Register => field` pairs, e.g.
+/// `gpr_block! { GuestGprs { Rcx => rcx, Rdx => rdx } }`; registers not named have no slot.
+macro_rules! gpr_block {
+    ($ty:ty { $($reg:ident => $field:ident),+ $(,)? }) => {
+        impl $crate::vcpu::GprBlock for $ty {
+            fn slot(&self, reg: $crate::vcpu::Gpr) -> Option<&u64> {
+                match reg {
+                    $($crate::vcpu::Gpr::$reg => Some(&self.$field),)+
+                    _ => None,
+                }
+            }
+
+            fn slot_mut(&mut self, reg: $crate::vcpu::Gpr) -> Option<&mut u64> {
+                match reg {
+                    $($crate::vcpu::Gpr::$reg => Some(&mut self.$field),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use gpr_block;
+
 /// Why a vCPU operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuError {
@@ -89,4 +122,8 @@ pub trait Vcpu {
     fn save_state(&self) -> Result<VcpuState, VcpuError>;
     /// Replaces the architectural state.
     fn load_state(&mut self, state: &VcpuState) -> Result<(), VcpuError>;
+    /// The backend's raw exit information (exit code/reason and its qualifiers), for messages.
+    fn raw_exit(&self) -> [u64; 3];
+    /// Returns the vCPU's hardware structures to `pages`; it never runs again.
+    fn release(self: alloc::boxed::Box<Self>, pages: &mut dyn HostPages);
 }

@@ -30,6 +30,8 @@ const LOW_MEMORY_END: u64 = 0x10_0000;
 const HEAP_START: u64 = 0x0000_4000_0000_0000;
 const HEAP_SIZE: u64 = 16 * 1024 * 1024;
 const MMIO_START: u64 = 0x0000_5000_0000_0000;
+/// End of the MMIO window (1 TiB of virtual space: never the limit in practice).
+const MMIO_END: u64 = 0x0000_5100_0000_0000;
 
 static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
 static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
@@ -183,18 +185,68 @@ pub fn memory_map() -> &'static [MapEntry] {
     REGIONS.get().map_or(&[], Vec::as_slice)
 }
 
+/// Why device registers could not be mapped.
+#[derive(Debug)]
+pub enum MmioError {
+    /// A zero-length range, or one that wraps around the address space.
+    BadRange {
+        phys: u64,
+        bytes: u64,
+    },
+    /// The MMIO window of the kernel's address space is used up.
+    WindowFull,
+    Map(MapToError<Size4KiB>),
+}
+
+impl core::fmt::Display for MmioError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            MmioError::BadRange { phys, bytes } => {
+                write!(f, "bad MMIO range {phys:#x} + {bytes:#x}")
+            }
+            MmioError::WindowFull => write!(f, "MMIO window full"),
+            MmioError::Map(err) => write!(f, "mapping failed: {err:?}"),
+        }
+    }
+}
+
 /// Maps one page of device registers uncached and returns its virtual address.
 pub fn map_mmio(phys: PhysAddr) -> VirtAddr {
-    let virt = NEXT_MMIO.fetch_add(FRAME_SIZE, Ordering::Relaxed);
+    match map_mmio_range(phys, 1) {
+        Ok(virt) => virt,
+        Err(err) => panic!("cannot map MMIO page {phys:?}: {err}"),
+    }
+}
+
+/// Maps `bytes` of device registers from `phys` (any alignment) uncached, on fresh virtual pages;
+/// returns the virtual address of `phys`.
+pub fn map_mmio_range(phys: PhysAddr, bytes: u64) -> Result<VirtAddr, MmioError> {
+    let bad = || MmioError::BadRange {
+        phys: phys.as_u64(),
+        bytes,
+    };
+    let first = phys.align_down(FRAME_SIZE).as_u64();
+    let end = phys
+        .as_u64()
+        .checked_add(bytes)
+        .filter(|_| bytes > 0)
+        .ok_or_else(bad)?;
+    let pages = end.div_ceil(FRAME_SIZE) - first / FRAME_SIZE;
+    let span = pages * FRAME_SIZE;
+    let virt = NEXT_MMIO.fetch_add(span, Ordering::Relaxed);
+    if virt.checked_add(span).is_none_or(|e| e > MMIO_END) {
+        return Err(MmioError::WindowFull);
+    }
     let flags = PageTableFlags::PRESENT
         | PageTableFlags::WRITABLE
         | PageTableFlags::NO_CACHE
         | PageTableFlags::WRITE_THROUGH
         | PageTableFlags::NO_EXECUTE;
-    if let Err(err) = map_page(virt, phys.align_down(FRAME_SIZE).as_u64(), flags) {
-        panic!("cannot map MMIO page {phys:?}: {err:?}");
+    for page in 0..pages {
+        map_page(virt + page * FRAME_SIZE, first + page * FRAME_SIZE, flags)
+            .map_err(MmioError::Map)?;
     }
-    VirtAddr::new(virt + (phys.as_u64() % FRAME_SIZE))
+    Ok(VirtAddr::new(virt + (phys.as_u64() - first)))
 }
 
 /// Whether a virtual address is mapped (used by the deliberate-fault debug command to pick an
@@ -214,7 +266,17 @@ pub fn phys_to_virt(hpa: u64) -> *mut u8 {
 
 /// `count` physically contiguous free frames, zeroed; returns the first one's address.
 pub fn alloc_zeroed_contiguous(count: usize) -> Option<u64> {
-    let hpa = FRAMES.lock().as_mut()?.alloc_contiguous(count, 1)?;
+    let hpa = {
+        let mut frames = FRAMES.lock();
+        let frames = frames.as_mut()?;
+        // A single frame takes the next-fit path, not a run search from the bottom: guest RAM
+        // is allocated frame by frame, and a search per frame would make that quadratic.
+        if count == 1 {
+            frames.alloc()?
+        } else {
+            frames.alloc_contiguous(count, 1)?
+        }
+    };
     // SAFETY: the frames were just handed out to the caller alone, and the physical window
     // maps them writable.
     unsafe { core::ptr::write_bytes(phys_to_virt(hpa), 0, count * FRAME_SIZE as usize) };

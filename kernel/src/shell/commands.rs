@@ -71,6 +71,28 @@ pub const TABLE: &[Command<Node>] = &[
         run: super::vm::vm,
     },
     Command {
+        name: "net",
+        usage: super::net::NET_USAGE,
+        summary: "network interface (address, link, counters) or its neighbor cache",
+        hidden: false,
+        run: super::net::net_cmd,
+    },
+    Command {
+        name: "ping",
+        usage: super::net::PING_USAGE,
+        summary:
+            "ICMP echo to a node or address, once a second (count 1..1000, default 4; Ctrl-C stops)",
+        hidden: false,
+        run: super::net::ping,
+    },
+    Command {
+        name: "pci",
+        usage: "",
+        summary: "the PCI functions found at boot",
+        hidden: false,
+        run: super::net::pci_cmd,
+    },
+    Command {
         name: "bench",
         usage: "verify <pages>",
         summary: "time the test guest's page-verify loop run natively (reference for the VM)",
@@ -258,6 +280,9 @@ fn config(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
             // Apply what takes effect at once; the rest is read by its owner when used.
             log::set_max_level(node.config.log_level);
             fault::set_exit_on_fault(node.config.on_panic == OnPanic::Exit);
+            if *key == "cluster_addr" {
+                node.net.set_address(node.config.cluster_addr);
+            }
             writeln!(out, "{key} = {value}").map_err(out_err)
         }
         ["set", ..] => Err(CommandError::BadArguments(

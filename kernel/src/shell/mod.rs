@@ -1,6 +1,7 @@
 //! The operator's console on COM1: read bytes, edit the line, run commands, print the prompt.
 
 mod commands;
+mod net;
 mod vm;
 
 use kernel::config::NodeConfig;
@@ -13,6 +14,8 @@ use crate::{print, println, serial};
 
 /// Ctrl-]: leaves an attached VM console (as telnet and socat users expect).
 const DETACH: u8 = 0x1D;
+/// Ctrl-C: stops a running job (`ping`, `net bench`).
+const INTERRUPT: u8 = 0x03;
 
 /// Longest command line accepted; longer ones are refused whole.
 const MAX_LINE: usize = 1024;
@@ -23,6 +26,14 @@ pub struct Node {
     pub config: NodeConfig,
     pub caps: Capabilities,
     pub vms: VmTable,
+    pub net: crate::net::Net,
+}
+
+impl Node {
+    /// A console job (`ping`, `net bench`) holds the console: no prompt until it ends.
+    fn job_running(&self) -> bool {
+        self.net.ping_active() || self.net.bench_active()
+    }
 }
 
 /// Sink that lets commands write to the console through `fmt::Write`.
@@ -39,8 +50,10 @@ fn prompt(node: &Node) {
     print!("{}> ", node.config.name);
 }
 
-/// Runs the console forever. Between bytes the CPU sleeps until the next interrupt (the
-/// timer ticks at 1 kHz, faster than a 115200-baud line can fill the UART's 16-byte FIFO).
+/// Runs the console forever. Every round: console input, VM slices, one bounded network poll
+/// and the output of a running job. When nothing is runnable the CPU sleeps until the next
+/// interrupt (the timer ticks at 1 kHz, faster than a 115200-baud line can fill the UART's
+/// 16-byte FIFO; the NIC is polled at that rate too).
 pub fn run(mut node: Node) -> ! {
     let mut editor = LineEditor::new(MAX_LINE, HISTORY);
     println!(
@@ -50,6 +63,16 @@ pub fn run(mut node: Node) -> ! {
     prompt(&node);
     loop {
         while let Some(byte) = serial::try_read() {
+            if node.job_running() {
+                // The job owns the console: Ctrl-C stops it, other input is dropped.
+                if byte == INTERRUPT {
+                    println!("^C");
+                    node.net.cancel_ping(&mut Console);
+                    node.net.cancel_bench(&mut Console);
+                    prompt(&node);
+                }
+                continue;
+            }
             if let Some(name) = node.vms.attached.clone() {
                 if byte == DETACH {
                     node.vms.attached = None;
@@ -77,10 +100,20 @@ pub fn run(mut node: Node) -> ! {
                     println!("error: line too long (more than {max} characters): discarded");
                 }
             }
-            prompt(&node);
+            if !node.job_running() {
+                prompt(&node);
+            }
         }
         run_vms(&mut node, &editor);
-        if !node.vms.any_runnable() {
+        // Busy: frames still waiting, or a bench sending (the loop then does not halt; the VM
+        // slices still run every round).
+        let net_busy = node.net.poll();
+        let ping = node.net.ping_output(&mut Console);
+        let bench = node.net.bench_output(&mut Console);
+        if ping == crate::net::JobState::Finished || bench == crate::net::JobState::Finished {
+            prompt(&node);
+        }
+        if !node.vms.any_runnable() && !net_busy {
             x86_64::instructions::interrupts::enable_and_hlt();
         }
     }
@@ -93,9 +126,18 @@ fn run_vms(node: &mut Node, editor: &LineEditor) {
     let attached = node.vms.attached.clone();
     let mut printed = false;
     node.vms.run_slice(&mut |name, bytes| {
-        if attached.as_deref() == Some(name) {
-            serial::write_bytes(bytes);
-            return;
+        match attached.as_deref() {
+            Some(a) if a == name => {
+                serial::write_bytes(bytes);
+                return;
+            }
+            // The terminal belongs to the attached guest: other VMs' lines would land in
+            // the middle of its output, so they go to the log instead.
+            Some(_) => {
+                log::debug!("[{name}] {}", core::str::from_utf8(bytes).unwrap_or("?"));
+                return;
+            }
+            None => {}
         }
         if !printed {
             // Clear the prompt line before the first guest line.
@@ -106,7 +148,7 @@ fn run_vms(node: &mut Node, editor: &LineEditor) {
         serial::write_bytes(bytes);
         serial::write_bytes(b"\r\n");
     });
-    if printed {
+    if printed && !node.job_running() {
         prompt(node);
         serial::write_str(editor.line());
     }

@@ -7,9 +7,11 @@ use alloc::format;
 use alloc::string::String;
 use core::arch::x86_64::__cpuid_count;
 
+use vmx::decode::instruction_at;
 use vmx::exit::{IoDirection, VmExit};
+use vmx::guest_mem::PagingMode;
 use vmx::state::{PendingEvent, PendingEventKind};
-use vmx::vcpu::{Gpr, Vcpu};
+use vmx::vcpu::Gpr;
 
 use super::memory::NptFrames;
 use super::{DirtyTracking, Vm, VmState};
@@ -57,10 +59,38 @@ pub(super) fn run_until_slice_end(vm: &mut Vm, raw: bool, out: &mut dyn FnMut(&s
     }
 }
 
-fn advance(vm: &mut Vm, default_len: u64) {
-    let len = vm.vcpu.instruction_len().unwrap_or(default_len);
+/// Moves RIP past the instruction that exited. The hardware reports its length for most exits
+/// (VMX always; SVM for I/O or with NRIPS); otherwise (SVM without NRIPS, as under QEMU TCG)
+/// the instruction is fetched through the guest's page tables and decoded.
+fn advance(vm: &mut Vm) -> Result<(), String> {
     let rip = vm.vcpu.rip();
+    let len = match vm.vcpu.instruction_len() {
+        Some(len) => len,
+        None => {
+            let state = vm
+                .vcpu
+                .save_state()
+                .map_err(|e| format!("reading vCPU state: {e:?}"))?;
+            let mode = PagingMode {
+                cr0: state.cr0,
+                cr3: state.cr3,
+                cr4: state.cr4,
+                efer: state.efer,
+            };
+            let long = state.cs.attributes.long;
+            // Outside 64-bit mode the CS base takes part in the linear address.
+            let linear = if long {
+                rip
+            } else {
+                state.cs.base.wrapping_add(rip) & 0xFFFF_FFFF
+            };
+            instruction_at(&vm.ram, &mode, long, state.cs.attributes.db, linear)
+                .map_err(|e| format!("decoding the instruction at rip {rip:#x}: {e}"))?
+                .len
+        }
+    };
     vm.vcpu.set_rip(rip.wrapping_add(len));
+    Ok(())
 }
 
 fn handle(vm: &mut Vm, exit: &VmExit, raw: bool, out: &mut dyn FnMut(&str, &[u8])) -> Next {
@@ -104,19 +134,15 @@ fn handle(vm: &mut Vm, exit: &VmExit, raw: bool, out: &mut dyn FnMut(&str, &[u8]
                     }
                 }
             }
-            // IN/OUT without prefixes is 1 byte (DX forms); SVM reports the real length.
-            advance(vm, 1);
-            Next::Continue
+            step(vm, Next::Continue)
         }
         VmExit::Hlt => {
-            advance(vm, 1);
             vm.halted_at = Some(trap::timer_ticks());
-            Next::EndSlice
+            step(vm, Next::EndSlice)
         }
         VmExit::Cpuid => {
             emulate_cpuid(vm);
-            advance(vm, 2);
-            Next::Continue
+            step(vm, Next::Continue)
         }
         VmExit::MsrRead { .. } | VmExit::MsrWrite { .. } => {
             // No MSR is emulated yet: what real hardware does for a missing MSR.
@@ -156,8 +182,16 @@ fn handle(vm: &mut Vm, exit: &VmExit, raw: bool, out: &mut dyn FnMut(&str, &[u8]
         ref other => Next::Stop(format!(
             "unhandled exit {other} at rip {:#x} (raw {:x?})",
             vm.vcpu.rip(),
-            vm.vcpu.last_exit_raw()
+            vm.vcpu.raw_exit()
         )),
+    }
+}
+
+/// Completes an emulated instruction: past it, then `next`.
+fn step(vm: &mut Vm, next: Next) -> Next {
+    match advance(vm) {
+        Ok(()) => next,
+        Err(reason) => Next::Stop(reason),
     }
 }
 

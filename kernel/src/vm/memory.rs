@@ -6,6 +6,7 @@
 use alloc::vec::Vec;
 
 use kernel::frames::FRAME_SIZE;
+use vmx::guest_mem::GuestMemory;
 use vmx::paging::TableMemory;
 use vmx::vcpu::{HostPage, HostPages};
 
@@ -108,6 +109,17 @@ impl GuestRam {
         })
     }
 
+    /// Copies guest RAM at `gpa` into `out`; false if outside RAM.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
+        let len = out.len();
+        let dst = out.as_mut_ptr();
+        self.access(gpa, len, |host, offset, n| {
+            // SAFETY: `host` is this guest's frame (through the physical window) with n bytes
+            // left in it; `dst` has `len` bytes and offset + n <= len.
+            unsafe { core::ptr::copy_nonoverlapping(host, dst.add(offset), n) };
+        })
+    }
+
     /// Guest page `index` as words (None past the end of RAM).
     pub fn page_words(&self, index: usize) -> Option<&[u64; 512]> {
         let hpa = *self.frames.get(index)?;
@@ -164,5 +176,15 @@ impl GuestRam {
                 log::error!("freeing guest frame {hpa:#x}: {err}");
             }
         }
+    }
+}
+
+impl GuestMemory for GuestRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        GuestRam::read(self, gpa, buf)
+    }
+
+    fn write(&mut self, gpa: u64, bytes: &[u8]) -> bool {
+        GuestRam::write(self, gpa, bytes)
     }
 }

@@ -8,7 +8,9 @@
 mod exits;
 mod loader;
 pub mod memory;
+mod nested;
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -19,11 +21,13 @@ use vmx::devices::uart::Uart16550;
 use vmx::dirty::DirtyBitmap;
 use vmx::exit::ExitCounters;
 use vmx::paging::{NestedPageTable, NptFormat, Perm};
+use vmx::state::VcpuState;
 use vmx::svm::SvmVcpu;
 use vmx::vcpu::{HostPage, Vcpu};
 
 use crate::{clock, mem, trap};
 use memory::{GuestRam, NptFrames, StructurePages};
+use nested::NestedTables;
 
 /// Smallest and largest guest RAM accepted by `vm create`.
 pub const MIN_MEM_MIB: u64 = guest_abi::MIN_MEM_BYTES >> 20;
@@ -44,12 +48,13 @@ pub enum VmState {
 
 impl core::fmt::Display for VmState {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            VmState::Off => write!(f, "off"),
-            VmState::Running => write!(f, "running"),
-            VmState::Paused => write!(f, "paused"),
-            VmState::Crashed(_) => write!(f, "crashed"),
-        }
+        // `pad` so that width and alignment flags work in tables (`vm list`).
+        f.pad(match self {
+            VmState::Off => "off",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Crashed(_) => "crashed",
+        })
     }
 }
 
@@ -97,6 +102,7 @@ pub enum VmError {
         wanted: &'static str,
     },
     NoAsid,
+    TrackingUnsupported,
     Setup(String),
 }
 
@@ -116,6 +122,10 @@ impl core::fmt::Display for VmError {
                 wanted,
             } => write!(f, "VM '{name}' is {state}; this needs it {wanted}"),
             VmError::NoAsid => write!(f, "no free address-space ID for another VM"),
+            VmError::TrackingUnsupported => write!(
+                f,
+                "this CPU's nested paging has no dirty bits: use track=wp"
+            ),
             VmError::Setup(why) => write!(f, "{why}"),
         }
     }
@@ -126,9 +136,10 @@ pub struct Vm {
     pub spec: VmSpec,
     pub state: VmState,
     ram: GuestRam,
-    npt: NestedPageTable<NptFormat>,
-    vcpu: SvmVcpu,
-    asid: u32,
+    npt: NestedTables,
+    vcpu: Box<dyn Vcpu + Send>,
+    /// ASID (SVM) or VPID (VMX): tags this guest's TLB entries.
+    tag: u32,
     uart: Uart16550,
     line: String,
     pub exits: ExitCounters,
@@ -138,6 +149,11 @@ pub struct Vm {
     wp_dirty: DirtyBitmap,
     /// Uptime (ms) when it last started running, for exit rates.
     started_ms: u64,
+    /// Guest TSC = host TSC + this.
+    tsc_offset: i64,
+    /// Host TSC when the VM was paused: guest time stands still while paused, as with
+    /// QEMU/KVM, so a guest never sees a jump after a pause (or, later, a migration).
+    paused_at_tsc: Option<u64>,
 }
 
 impl Vm {
@@ -244,9 +260,7 @@ pub struct VmTable {
     /// Creation order, for listing and round-robin.
     order: Vec<String>,
     next_first: usize,
-    /// Whether SVM could be turned on (and its host save area).
-    svm: Result<HostPage, &'static str>,
-    max_asid: u32,
+    backend: Backend,
     /// VM whose console is attached to the node console.
     pub attached: Option<String>,
 }
@@ -254,34 +268,19 @@ pub struct VmTable {
 impl VmTable {
     /// Turns virtualization on if the CPU allows it.
     pub fn new(caps: &vmx::Capabilities) -> VmTable {
-        let (svm, max_asid) = match &caps.virt {
-            vmx::Virtualization::Svm(svm) if svm.disabled_by_firmware => {
-                (Err("SVM is disabled by the firmware (VM_CR.SVMDIS)"), 0)
+        let backend = Backend::enable(caps);
+        match &backend {
+            Backend::Unavailable(why) => log::warn!("virtualization unavailable: {why}"),
+            Backend::Svm { max_asid, .. } => {
+                log::info!("AMD SVM enabled ({max_asid} guest ASIDs)")
             }
-            vmx::Virtualization::Svm(svm) if !svm.nested_paging => {
-                (Err("the CPU has SVM but no nested paging"), 0)
-            }
-            vmx::Virtualization::Svm(svm) => match vmx::svm::enable_svm(&mut StructurePages) {
-                Ok(page) => (Ok(page), svm.num_asids.saturating_sub(1)),
-                Err(_) => (Err("no memory for the SVM host save area"), 0),
-            },
-            vmx::Virtualization::Vmx(_) => (
-                Err("the Intel VT-x backend cannot run guests yet (issue 3: VMX glue)"),
-                0,
-            ),
-            vmx::Virtualization::None => (Err("the CPU has no SVM or VMX"), 0),
-        };
-        if let Err(why) = &svm {
-            log::warn!("virtualization unavailable: {why}");
-        } else {
-            log::info!("AMD SVM enabled ({max_asid} guest ASIDs)");
+            Backend::Vmx { .. } => log::info!("Intel VT-x enabled"),
         }
         VmTable {
             vms: HashMap::new(),
             order: Vec::new(),
             next_first: 0,
-            svm,
-            max_asid,
+            backend,
             attached: None,
         }
     }
@@ -303,14 +302,17 @@ impl VmTable {
         self.order.iter().filter_map(|n| self.vms.get(n))
     }
 
-    fn free_asid(&self) -> Option<u32> {
-        (1..=self.max_asid).find(|a| self.vms.values().all(|vm| vm.asid != *a))
+    fn free_tag(&self) -> Option<u32> {
+        (1..=self.backend.max_tag()).find(|t| self.vms.values().all(|vm| vm.tag != *t))
     }
 
     /// Creates a VM (off, guest loaded) after checking every refusal up front.
     pub fn create(&mut self, spec: VmSpec) -> Result<(), VmError> {
-        if let Err(why) = &self.svm {
+        if let Backend::Unavailable(why) = &self.backend {
             return Err(VmError::NoVirtualization(why));
+        }
+        if spec.tracking == DirtyTracking::DirtyBits && !self.backend.has_dirty_bits() {
+            return Err(VmError::TrackingUnsupported);
         }
         if self.vms.contains_key(&spec.name) {
             return Err(VmError::Exists(spec.name));
@@ -326,13 +328,13 @@ impl VmTable {
                 free_mib: free / 256,
             });
         }
-        let asid = self.free_asid().ok_or(VmError::NoAsid)?;
+        let tag = self.free_tag().ok_or(VmError::NoAsid)?;
 
         let mut ram = GuestRam::new(bytes).map_err(|_| VmError::NotEnoughMemory {
             need_mib: need_frames.div_ceil(256),
             free_mib: mem::frame_stats().free / 256,
         })?;
-        let mut npt = match NestedPageTable::<NptFormat>::new(&mut NptFrames) {
+        let mut npt = match self.backend.new_nested_tables() {
             Ok(npt) => npt,
             Err(err) => {
                 ram.free();
@@ -348,10 +350,7 @@ impl VmTable {
                 loader::load_test_guest(&mut ram, clock::tsc_hz(), spec.dirty_pages_per_sec)
                     .map_err(|err| format!("{err}"))
             });
-        let vcpu = state.and_then(|state| {
-            SvmVcpu::new(&mut StructurePages, asid, npt.root_hpa(), &state)
-                .map_err(|err| format!("vCPU: {err:?}"))
-        });
+        let vcpu = state.and_then(|state| self.backend.new_vcpu(tag, &npt, &state));
         let wp_dirty = DirtyBitmap::new(pages).map_err(|e| format!("{e}"));
         let (vcpu, wp_dirty) = match (vcpu, wp_dirty) {
             (Ok(vcpu), Ok(wp)) => (vcpu, wp),
@@ -375,16 +374,21 @@ impl VmTable {
             ram,
             npt,
             vcpu,
-            asid,
+            tag,
             uart: Uart16550::new(),
             line: String::new(),
             exits: ExitCounters::new(),
             halted_at: None,
             wp_dirty,
             started_ms: 0,
+            tsc_offset: 0,
+            paused_at_tsc: None,
         };
         vm.dirty_reset();
-        log::info!("vm {name}: created ({} MiB, ASID {asid})", vm.spec.mem_mib);
+        log::info!(
+            "vm {name}: created ({} MiB, TLB tag {tag})",
+            vm.spec.mem_mib
+        );
         self.order.push(name.clone());
         self.vms.insert(name, vm);
         Ok(())
@@ -405,7 +409,9 @@ impl VmTable {
             }
         }
         // Guest time starts at zero.
-        vm.vcpu.set_tsc_offset(-(clock::rdtsc() as i64));
+        vm.tsc_offset = -(clock::rdtsc() as i64);
+        vm.vcpu.set_tsc_offset(vm.tsc_offset);
+        vm.paused_at_tsc = None;
         vm.state = VmState::Running;
         vm.started_ms = clock::uptime_ms();
         vm.exits.reset();
@@ -428,11 +434,21 @@ impl VmTable {
     }
 
     pub fn pause(&mut self, name: &str) -> Result<(), VmError> {
-        self.transition(name, VmState::Running, VmState::Paused, "running")
+        self.transition(name, VmState::Running, VmState::Paused, "running")?;
+        self.get_mut(name)?.paused_at_tsc = Some(clock::rdtsc());
+        Ok(())
     }
 
     pub fn resume(&mut self, name: &str) -> Result<(), VmError> {
-        self.transition(name, VmState::Paused, VmState::Running, "paused")
+        self.transition(name, VmState::Paused, VmState::Running, "paused")?;
+        let vm = self.get_mut(name)?;
+        if let Some(paused) = vm.paused_at_tsc.take() {
+            // Take the paused interval out of guest time.
+            let stopped = clock::rdtsc().saturating_sub(paused) as i64;
+            vm.tsc_offset = vm.tsc_offset.wrapping_sub(stopped);
+            vm.vcpu.set_tsc_offset(vm.tsc_offset);
+        }
+        Ok(())
     }
 
     fn transition(
@@ -466,8 +482,9 @@ impl VmTable {
         }
         let Vm { ram, npt, vcpu, .. } = vm;
         vcpu.release(&mut StructurePages);
-        // The ASID is reused by a later VM, whose first entry flushes it (TLB_CONTROL in
-        // SvmVcpu::new), so no stale translation to these frames can survive.
+        // The TLB tag is reused by a later VM, whose first entry flushes it (SvmVcpu and
+        // VmxVcpu both flush on their first entry), so no stale translation to these frames
+        // can survive.
         npt.teardown(&mut NptFrames).flushed();
         ram.free();
         log::info!("vm {name}: destroyed, memory freed");
@@ -525,4 +542,120 @@ impl Vm {
         self.dirty_reset();
         Ok(())
     }
+}
+
+/// The host CPU's virtualization extension, switched on.
+enum Backend {
+    Svm {
+        /// VM_HSAVE_PA page: must stay allocated while SVM is on.
+        _save_area: HostPage,
+        max_asid: u32,
+    },
+    Vmx {
+        /// VMXON region: must stay allocated while VMX is on.
+        _vmxon: HostPage,
+        caps: vmx::VmxCaps,
+    },
+    Unavailable(&'static str),
+}
+
+impl Backend {
+    fn enable(caps: &vmx::Capabilities) -> Backend {
+        match &caps.virt {
+            vmx::Virtualization::Svm(svm) if svm.disabled_by_firmware => {
+                Backend::Unavailable("SVM is disabled by the firmware (VM_CR.SVMDIS)")
+            }
+            vmx::Virtualization::Svm(svm) if !svm.nested_paging => {
+                Backend::Unavailable("the CPU has SVM but no nested paging")
+            }
+            vmx::Virtualization::Svm(svm) => match vmx::svm::enable_svm(&mut StructurePages) {
+                Ok(page) => Backend::Svm {
+                    _save_area: page,
+                    max_asid: svm.num_asids.saturating_sub(1),
+                },
+                Err(_) => Backend::Unavailable("no memory for the SVM host save area"),
+            },
+            vmx::Virtualization::Vmx(vmx_caps) => enable_vmx(vmx_caps),
+            vmx::Virtualization::None => Backend::Unavailable("the CPU has no SVM or VMX"),
+        }
+    }
+
+    /// Largest TLB tag (ASID/VPID) a guest may use; tags start at 1.
+    fn max_tag(&self) -> u32 {
+        match self {
+            Backend::Svm { max_asid, .. } => *max_asid,
+            // VPIDs are 16 bits; without VPID the tag only names the VM.
+            Backend::Vmx { .. } => 0xFFFF,
+            Backend::Unavailable(_) => 0,
+        }
+    }
+
+    fn has_dirty_bits(&self) -> bool {
+        match self {
+            // AMD nested paging always sets accessed/dirty bits.
+            Backend::Svm { .. } => true,
+            Backend::Vmx { caps, .. } => caps.ept_accessed_dirty(),
+            Backend::Unavailable(_) => false,
+        }
+    }
+
+    fn new_nested_tables(&self) -> Result<NestedTables, vmx::paging::PagingError> {
+        match self {
+            Backend::Vmx { .. } => NestedPageTable::<vmx::paging::EptFormat>::new(&mut NptFrames)
+                .map(NestedTables::Ept),
+            _ => NestedPageTable::<NptFormat>::new(&mut NptFrames).map(NestedTables::Npt),
+        }
+    }
+
+    fn new_vcpu(
+        &self,
+        tag: u32,
+        nested: &NestedTables,
+        state: &VcpuState,
+    ) -> Result<Box<dyn Vcpu + Send>, String> {
+        match self {
+            Backend::Svm { .. } => SvmVcpu::new(&mut StructurePages, tag, nested.root_hpa(), state)
+                .map(|v| Box::new(v) as Box<dyn Vcpu + Send>)
+                .map_err(|err| format!("vCPU: {err:?}")),
+            Backend::Vmx { caps, .. } => new_vmx_vcpu(caps, tag, nested.root_hpa(), state),
+            Backend::Unavailable(why) => Err((*why).into()),
+        }
+    }
+}
+
+/// Turns VMX on (VMXON) for the Intel backend.
+fn enable_vmx(caps: &vmx::VmxCaps) -> Backend {
+    if !caps.ept {
+        return Backend::Unavailable("the CPU has VMX but no EPT");
+    }
+    match vmx::vtx::enable_vmx(&mut StructurePages, caps) {
+        Ok(region) => Backend::Vmx {
+            _vmxon: region,
+            caps: *caps,
+        },
+        Err(err) => {
+            log::error!("VMX: {err}");
+            Backend::Unavailable(match err {
+                vmx::vtx::VmxError::DisabledByFirmware => {
+                    "VMX is disabled by the firmware (IA32_FEATURE_CONTROL)"
+                }
+                vmx::vtx::VmxError::OutOfMemory => "no memory for the VMXON region",
+                _ => "VMXON failed (see the log line above)",
+            })
+        }
+    }
+}
+
+/// A VMX vCPU over the EPT rooted at `ept_root`.
+fn new_vmx_vcpu(
+    caps: &vmx::VmxCaps,
+    tag: u32,
+    ept_root: u64,
+    state: &VcpuState,
+) -> Result<Box<dyn Vcpu + Send>, String> {
+    let vpid = u16::try_from(tag).map_err(|_| format!("VPID {tag} out of range"))?;
+    let eptp = vmx::paging::EptFormat::eptp(ept_root, caps.ept_accessed_dirty());
+    vmx::vtx::VmxVcpu::new(&mut StructurePages, vpid, eptp, state, caps)
+        .map(|v| Box::new(v) as Box<dyn Vcpu + Send>)
+        .map_err(|err| format!("vCPU: {err}"))
 }

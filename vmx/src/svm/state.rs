@@ -59,6 +59,13 @@ const _: () = {
     assert!(size_of::<GuestGprs>() == 0x70);
 };
 
+crate::vcpu::gpr_block! {
+    GuestGprs {
+        Rcx => rcx, Rdx => rdx, Rbx => rbx, Rbp => rbp, Rsi => rsi, Rdi => rdi, R8 => r8,
+        R9 => r9, R10 => r10, R11 => r11, R12 => r12, R13 => r13, R14 => r14, R15 => r15,
+    }
+}
+
 /// Why a state could not be moved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SvmStateError {

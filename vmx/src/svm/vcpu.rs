@@ -21,7 +21,7 @@ use super::state::{inject, load_from_state, save_to_state, GuestGprs};
 use super::vmcb::{intercept, TlbControl, Vmcb};
 use crate::exit::VmExit;
 use crate::state::{PendingEvent, VcpuState};
-use crate::vcpu::{Gpr, HostPage, HostPages, Vcpu, VcpuError};
+use crate::vcpu::{Gpr, GprBlock, HostPage, HostPages, Vcpu, VcpuError};
 
 /// VM_HSAVE_PA: where VMRUN saves host state (APM 15.30.4).
 const VM_HSAVE_PA: u32 = 0xC001_0117;
@@ -98,7 +98,7 @@ impl SvmVcpu {
             shadow: state.clone(),
         };
         if let Err(err) = vcpu.init(asid, npt_root, state) {
-            vcpu.release(pages);
+            vcpu.free_pages(pages);
             return Err(err);
         }
         Ok(vcpu)
@@ -140,8 +140,7 @@ impl SvmVcpu {
         Ok(())
     }
 
-    /// Returns every page to `pages`. The vCPU must not run again.
-    pub fn release(self, pages: &mut dyn HostPages) {
+    fn free_pages(self, pages: &mut dyn HostPages) {
         pages.free(self.vmcb);
         pages.free(self.host_vmcb);
         pages.free(self.iopm);
@@ -157,12 +156,6 @@ impl SvmVcpu {
     fn vmcb_mut(&mut self) -> &mut Vmcb {
         // SAFETY: as in `vmcb`, and `&mut self` makes the reference unique.
         unsafe { &mut *(self.vmcb.ptr as *mut Vmcb) }
-    }
-
-    /// Raw exit information of the last exit (code, info1, info2), for diagnostics.
-    pub fn last_exit_raw(&self) -> (u64, u64, u64) {
-        let c = &self.vmcb().control;
-        (c.exitcode, c.exitinfo1, c.exitinfo2)
     }
 }
 
@@ -270,47 +263,22 @@ impl Vcpu for SvmVcpu {
     }
 
     fn gpr(&self, reg: Gpr) -> u64 {
-        let g = &self.gprs;
-        match reg {
-            Gpr::Rax => self.vmcb().save.rax,
-            Gpr::Rsp => self.vmcb().save.rsp,
-            Gpr::Rcx => g.rcx,
-            Gpr::Rdx => g.rdx,
-            Gpr::Rbx => g.rbx,
-            Gpr::Rbp => g.rbp,
-            Gpr::Rsi => g.rsi,
-            Gpr::Rdi => g.rdi,
-            Gpr::R8 => g.r8,
-            Gpr::R9 => g.r9,
-            Gpr::R10 => g.r10,
-            Gpr::R11 => g.r11,
-            Gpr::R12 => g.r12,
-            Gpr::R13 => g.r13,
-            Gpr::R14 => g.r14,
-            Gpr::R15 => g.r15,
+        match self.gprs.slot(reg) {
+            Some(&value) => value,
+            // RAX and RSP, which the VMCB holds.
+            None if reg == Gpr::Rax => self.vmcb().save.rax,
+            None => self.vmcb().save.rsp,
         }
     }
 
     fn set_gpr(&mut self, reg: Gpr, value: u64) {
-        let slot = match reg {
-            Gpr::Rax => &mut self.vmcb_mut().save.rax,
-            Gpr::Rsp => &mut self.vmcb_mut().save.rsp,
-            Gpr::Rcx => &mut self.gprs.rcx,
-            Gpr::Rdx => &mut self.gprs.rdx,
-            Gpr::Rbx => &mut self.gprs.rbx,
-            Gpr::Rbp => &mut self.gprs.rbp,
-            Gpr::Rsi => &mut self.gprs.rsi,
-            Gpr::Rdi => &mut self.gprs.rdi,
-            Gpr::R8 => &mut self.gprs.r8,
-            Gpr::R9 => &mut self.gprs.r9,
-            Gpr::R10 => &mut self.gprs.r10,
-            Gpr::R11 => &mut self.gprs.r11,
-            Gpr::R12 => &mut self.gprs.r12,
-            Gpr::R13 => &mut self.gprs.r13,
-            Gpr::R14 => &mut self.gprs.r14,
-            Gpr::R15 => &mut self.gprs.r15,
-        };
-        *slot = value;
+        if let Some(slot) = self.gprs.slot_mut(reg) {
+            *slot = value;
+        } else if reg == Gpr::Rax {
+            self.vmcb_mut().save.rax = value;
+        } else {
+            self.vmcb_mut().save.rsp = value;
+        }
     }
 
     fn rip(&self) -> u64 {
@@ -353,6 +321,15 @@ impl Vcpu for SvmVcpu {
             .map_err(|_| VcpuError::InvalidState("VMCB state"))?;
         state.tsc_offset = self.vmcb().control.tsc_offset as i64;
         Ok(state)
+    }
+
+    fn raw_exit(&self) -> [u64; 3] {
+        let c = &self.vmcb().control;
+        [c.exitcode, c.exitinfo1, c.exitinfo2]
+    }
+
+    fn release(self: alloc::boxed::Box<Self>, pages: &mut dyn HostPages) {
+        (*self).free_pages(pages);
     }
 
     fn load_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {

@@ -16,10 +16,9 @@
 //! entries, 28 VM exits, 29 address translation, 31 VMX instruction reference); editions before
 //! that number these chapters one lower (so table 28-5 was table 27-5).
 //!
-//! VMXON, VMPTRLD, VMLAUNCH/VMRESUME, INVEPT/INVVPID (inline assembly) are written on top of these
-//! on the kernel side.
-
-#![forbid(unsafe_code)]
+//! - [`vcpu`]: the hardware glue on top of these: [`enable_vmx`] (VMXON) and [`VmxVcpu`]
+//!   (VMCLEAR/VMPTRLD, VMREAD/VMWRITE, VMLAUNCH/VMRESUME, INVEPT/INVVPID in inline assembly).
+//!   The only module here with `unsafe`; every other one forbids it.
 
 pub mod bitmap;
 pub mod controls;
@@ -27,6 +26,7 @@ pub mod ept;
 pub mod error;
 pub mod exit;
 pub mod state;
+pub mod vcpu;
 pub mod vmcs;
 
 pub use controls::{adjust_controls, ControlError, ControlProblem, ControlSet};
@@ -34,6 +34,8 @@ pub use ept::{make_eptp, EptMemoryType, EptpError};
 pub use error::VmInstructionError;
 pub use exit::{exit_from_vmcs, reason_name, VmxExitInfo};
 pub use state::{
-    load_from_state, reinject_after_exit, save_to_state, GuestGprs, VmxLoadOptions, VmxStateError,
+    entry_event, load_from_state, reinject_after_exit, save_to_state, GuestGprs, VmxLoadOptions,
+    VmxStateError,
 };
+pub use vcpu::{enable_vmx, VmxError, VmxVcpu};
 pub use vmcs::{field, VmcsAccessError, VmcsFailure, VmcsRead, VmcsWrite};

@@ -63,6 +63,14 @@ const _: () = {
     assert!(size_of::<GuestGprs>() == 0x78);
 };
 
+crate::vcpu::gpr_block! {
+    GuestGprs {
+        Rax => rax, Rcx => rcx, Rdx => rdx, Rbx => rbx, Rbp => rbp, Rsi => rsi, Rdi => rdi,
+        R8 => r8, R9 => r9, R10 => r10, R11 => r11, R12 => r12, R13 => r13, R14 => r14,
+        R15 => r15,
+    }
+}
+
 /// Guest-state interruptibility bits (SDM 25.4.2 table 25-3).
 pub mod interruptibility {
     pub const BLOCKING_BY_STI: u64 = 1 << 0;
@@ -249,8 +257,9 @@ const fn vmx_exception_has_error_code(vector: u8) -> bool {
     matches!(vector, 8 | 10..=14 | 17 | 21)
 }
 
-/// The VM-entry interruption information (and error code, instruction length) for `ev`.
-fn entry_event(
+/// The VM-entry interruption information (and error code, instruction length) for `ev`:
+/// what [`load_from_state`] writes for a pending event, and the VMX glue for an injection.
+pub fn entry_event(
     ev: &PendingEvent,
     protected_mode: bool,
     opts: &VmxLoadOptions,
@@ -900,6 +909,43 @@ mod tests {
             reinject_after_exit(&mut v),
             Err(VmxStateError::UnsupportedEvent(0x8000_0102))
         );
+    }
+
+    /// Each backend's GPR block has a slot for exactly the registers its hardware structure
+    /// does not hold (VMCS: RSP; VMCB: RAX, RSP), each slot holds the register `load_from_state`
+    /// put there, and writes through `slot_mut` land where `slot` reads.
+    #[test]
+    fn gpr_block_slots_by_register_number() {
+        use crate::vcpu::{Gpr, GprBlock};
+        #[rustfmt::skip]
+        const ALL: [Gpr; 16] = [
+            Gpr::Rax, Gpr::Rcx, Gpr::Rdx, Gpr::Rbx, Gpr::Rsp, Gpr::Rbp, Gpr::Rsi, Gpr::Rdi,
+            Gpr::R8, Gpr::R9, Gpr::R10, Gpr::R11, Gpr::R12, Gpr::R13, Gpr::R14, Gpr::R15,
+        ];
+        let mut s = busy_state();
+        s.gprs = Gprs::from_array(core::array::from_fn(|n| 0x100 + n as u64));
+        let mut vg = GuestGprs::default();
+        load_from_state(&mut fresh_vmcs(), &mut vg, &s, &OPTS).unwrap();
+        let mut sg = svm::GuestGprs::default();
+        svm::load_from_state(&mut Box::new(svm::Vmcb::new()), &mut sg, &s).unwrap();
+        for (n, reg) in ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(reg as u8), n);
+            let loaded = 0x100 + n as u64;
+            let on_vmx = (reg != Gpr::Rsp).then_some(loaded);
+            let on_svm = (!matches!(reg, Gpr::Rax | Gpr::Rsp)).then_some(loaded);
+            let slots = (vg.slot(reg).copied(), sg.slot(reg).copied());
+            assert_eq!(slots, (on_vmx, on_svm), "{reg:?}");
+            if let Some(slot) = vg.slot_mut(reg) {
+                *slot = !(n as u64);
+            }
+            if let Some(slot) = sg.slot_mut(reg) {
+                *slot = !(n as u64);
+            }
+        }
+        for (n, reg) in ALL.into_iter().enumerate() {
+            assert!(vg.slot(reg).is_none_or(|&v| v == !(n as u64)), "{reg:?}");
+            assert!(sg.slot(reg).is_none_or(|&v| v == !(n as u64)), "{reg:?}");
+        }
     }
 
     /// The architecture's promise: a state saved on AMD restores on Intel and back.

@@ -1,0 +1,441 @@
+//! Host networking glue: finds the cluster NIC among the PCI functions, starts its driver over
+//! the kernel's MMIO and DMA memory, puts a `net::stack::Stack` on it with the configured
+//! address, and gives the console loop a bounded poll and the output of its jobs (`ping`,
+//! `net bench`). Every node serves the bench port ([`::net::bench::PORT`]).
+//!
+//! Blocking TCP ([`Net::send_text`], over [`TcpTransport`]): the call polls the interface and
+//! between two polls calls the caller's `idle` hook, which runs the VM slices (and halts until
+//! the next tick when nothing is runnable): VMs are never stalled by more than one poll. The
+//! console itself waits for the call, which every timeout bounds.
+
+mod hw;
+
+use alloc::format;
+use alloc::string::String;
+use core::fmt::Write;
+use core::time::Duration;
+
+use ::net::addr::{Ipv4, Ipv4Net};
+use ::net::bench::Limit;
+use ::net::e1000::{self, Counters, E1000Config, MacSource, E1000};
+use ::net::neighbors::Neighbor;
+use ::net::pci::{PciAddress, PciFunction};
+use ::net::smoltcp::time::Instant;
+use ::net::stack::{PingError, Stack, TcpTransport};
+use ::net::transport::{Transport, TransportError};
+use kernel::config::NodeConfig;
+
+use crate::{clock, pci};
+use hw::{BarMmio, DmaMemory};
+
+/// Frames received per poll at most: bounds the time one poll takes under a flood.
+const RX_BUDGET: usize = 64;
+/// Timeouts of [`Net::send_text`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Nic = E1000<BarMmio, DmaMemory>;
+
+/// The cluster-network interface.
+pub struct Iface {
+    /// `eth0` (cluster network) or `eth1` (storage network).
+    pub name: &'static str,
+    /// `cluster network` or `storage network`.
+    pub role: &'static str,
+    /// The configuration key of its address.
+    pub addr_key: &'static str,
+    pub pci: PciAddress,
+    pub model: &'static str,
+    pub bar: u64,
+    pub mac_source: MacSource,
+    stack: Stack<Nic>,
+}
+
+/// What `net show` prints about an interface.
+pub struct IfaceStatus {
+    pub mac: [u8; 6],
+    pub link_up: bool,
+    pub addr: Option<Ipv4Net>,
+    pub counters: Counters,
+    pub rings: (usize, usize),
+}
+
+/// The node's networking: the cluster interface (or the reason there is none) and, if the
+/// node has a second NIC, the storage interface.
+pub struct Net {
+    iface: Option<Iface>,
+    missing: String,
+    storage: Option<Iface>,
+}
+
+/// Where the ping job is, for the console loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Idle,
+    Running,
+    /// It ended during this call (its summary was printed).
+    Finished,
+}
+
+/// The smoltcp clock: microseconds since boot.
+pub fn now() -> Instant {
+    Instant::from_micros(clock::uptime_us() as i64)
+}
+
+/// Finds and starts the cluster NIC. Never fails: without a usable NIC the node runs without
+/// networking, and `net show` says why.
+pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
+    let nics: alloc::vec::Vec<(&PciFunction, &'static str)> = functions
+        .iter()
+        .filter_map(|f| e1000::model(f.vendor_id, f.device_id).map(|m| (f, m)))
+        .collect();
+    let mut net = match nics.first() {
+        Some(&(function, model)) => {
+            match start(function, model, "eth0", CLUSTER, config.cluster_addr) {
+                Ok(mut iface) => {
+                    iface.stack.start_bench_listener();
+                    Net {
+                        iface: Some(iface),
+                        missing: String::new(),
+                        storage: None,
+                    }
+                }
+                Err(reason) => Net::without(reason),
+            }
+        }
+        None => Net::without(no_nic_reason(functions)),
+    };
+    // The second e1000 (in PCI order) is the storage network's.
+    if let Some(&(function, model)) = nics.get(1) {
+        match start(function, model, "eth1", STORAGE, config.storage_addr) {
+            Ok(iface) => net.storage = Some(iface),
+            Err(reason) => log::warn!("net: storage network interface: {reason}"),
+        }
+    }
+    net
+}
+
+fn log_iface(iface: &Iface) {
+    log::info!(
+        "net: {} ({}) {} at {}, MAC {} ({}), {}",
+        iface.name,
+        iface.role,
+        iface.model,
+        iface.pci,
+        e1000::Mac(iface.stack.mac()),
+        mac_source_name(iface.mac_source),
+        iface
+            .stack
+            .address()
+            .map_or(String::from("no address"), |a| format!("{a}"))
+    );
+}
+
+fn no_nic_reason(functions: &[PciFunction]) -> String {
+    let others: String = functions
+        .iter()
+        .filter(|f| f.class == 0x02)
+        .map(|f| format!(" {} {:04x}:{:04x}", f.addr, f.vendor_id, f.device_id))
+        .collect();
+    if others.is_empty() {
+        String::from("no network controller on the PCI buses")
+    } else {
+        format!("no driver for the network controller(s){others} (e1000 only, so far)")
+    }
+}
+
+/// An interface's role: what `net show` calls it, and its address's configuration key.
+type Role = (&'static str, &'static str);
+const CLUSTER: Role = ("cluster network", "cluster_addr");
+const STORAGE: Role = ("storage network", "storage_addr");
+
+impl Net {
+    fn without(reason: String) -> Net {
+        log::warn!("net: no network interface: {reason}");
+        Net {
+            iface: None,
+            missing: reason,
+            storage: None,
+        }
+    }
+}
+
+fn mac_source_name(source: MacSource) -> &'static str {
+    match source {
+        MacSource::Registers => "from the receive-address registers",
+        MacSource::Eeprom => "from the EEPROM",
+    }
+}
+
+fn start(
+    function: &PciFunction,
+    model: &'static str,
+    name: &'static str,
+    role: Role,
+    addr: Option<Ipv4Net>,
+) -> Result<Iface, String> {
+    let bar = function
+        .bars
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|b| b.memory_addr().map(|addr| (addr, b.size())))
+        .ok_or_else(|| format!("{} has no memory BAR 0", function.addr))?;
+    let (bar_addr, bar_size) = bar;
+    let map_len = (bar_size as usize).max(e1000::regs::BAR_SIZE);
+    let command = ::net::pci::enable_device(&mut pci::PortConfig, function.addr, true);
+    log::debug!("net: {} command register {command:#06x}", function.addr);
+    let regs = BarMmio::map(bar_addr, map_len).map_err(|e| format!("BAR 0: {e}"))?;
+
+    let rings = E1000Config::default();
+    let rx = DmaMemory::alloc(e1000::region_bytes(rings.rx_descriptors))
+        .ok_or("no contiguous memory for the receive ring")?;
+    let Some(tx) = DmaMemory::alloc(e1000::region_bytes(rings.tx_descriptors)) else {
+        rx.free();
+        return Err("no contiguous memory for the transmit ring".into());
+    };
+    // On failure the rings' frames and the BAR mapping stay allocated: a boot-time loss, once.
+    let nic = E1000::new(regs, rx, tx, rings).map_err(|e| format!("e1000: {e}"))?;
+    let mac_source = nic.mac_source();
+    let mac = nic.mac();
+    let stack = Stack::new(nic, mac, addr, now(), clock::rdtsc());
+    let iface = Iface {
+        name,
+        role: role.0,
+        addr_key: role.1,
+        pci: function.addr,
+        model,
+        bar: bar_addr,
+        mac_source,
+        stack,
+    };
+    log_iface(&iface);
+    Ok(iface)
+}
+
+fn iface_status(iface: &mut Iface) -> IfaceStatus {
+    let addr = iface.stack.address();
+    let nic = iface.stack.device_mut();
+    IfaceStatus {
+        mac: nic.mac(),
+        link_up: nic.link_up(),
+        addr,
+        counters: nic.counters(),
+        rings: nic.ring_sizes(),
+    }
+}
+
+impl Net {
+    /// The interface, if there is one.
+    pub fn iface(&self) -> Option<&Iface> {
+        self.iface.as_ref()
+    }
+
+    /// Why there is no interface.
+    pub fn missing_reason(&self) -> &str {
+        &self.missing
+    }
+
+    /// One bounded round of network work. True if frames are probably still waiting (poll
+    /// again before sleeping).
+    pub fn poll(&mut self) -> bool {
+        let mut more = false;
+        for iface in self.iface.iter_mut().chain(self.storage.iter_mut()) {
+            more |= iface.stack.poll(now(), RX_BUDGET).more;
+        }
+        more
+    }
+
+    /// The storage-network interface, if the node has one.
+    pub fn storage(&self) -> Option<&Iface> {
+        self.storage.as_ref()
+    }
+
+    /// The storage interface's details and counters.
+    pub fn storage_status(&mut self) -> Option<IfaceStatus> {
+        self.storage.as_mut().map(iface_status)
+    }
+
+    /// The storage interface's neighbor cache.
+    pub fn storage_neighbors(&self) -> alloc::vec::Vec<Neighbor> {
+        self.storage
+            .as_ref()
+            .map(|i| i.stack.neighbors(now()))
+            .unwrap_or_default()
+    }
+
+    /// Interface details and counters.
+    pub fn status(&mut self) -> Option<IfaceStatus> {
+        self.iface.as_mut().map(iface_status)
+    }
+
+    /// The neighbor cache.
+    pub fn neighbors(&self) -> alloc::vec::Vec<Neighbor> {
+        self.iface
+            .as_ref()
+            .map(|i| i.stack.neighbors(now()))
+            .unwrap_or_default()
+    }
+
+    /// Applies a new cluster address (from `config set`).
+    pub fn set_address(&mut self, addr: Option<Ipv4Net>) {
+        if let Some(iface) = self.iface.as_mut() {
+            iface.stack.set_address(addr);
+        }
+    }
+
+    /// Starts a ping job; returns the header line.
+    pub fn start_ping(&mut self, target: Ipv4, label: &str, count: u32) -> Result<String, String> {
+        let Some(iface) = self.iface.as_mut() else {
+            return Err(format!("no network interface: {}", self.missing));
+        };
+        iface
+            .stack
+            .start_ping(target, label, count, now())
+            .map_err(|e: PingError| format!("{e}"))
+    }
+
+    /// True while a ping job runs.
+    pub fn ping_active(&self) -> bool {
+        self.iface.as_ref().is_some_and(|i| i.stack.ping_active())
+    }
+
+    /// Prints what the ping job has to say; at its end the summary too.
+    pub fn ping_output(&mut self, out: &mut dyn Write) -> JobState {
+        let Some(iface) = self.iface.as_mut() else {
+            return JobState::Idle;
+        };
+        if !iface.stack.ping_active() {
+            return JobState::Idle;
+        }
+        let (events, summary) = iface.stack.ping_output(now());
+        for event in events {
+            let _ = writeln!(out, "{event}");
+        }
+        match summary {
+            Some(summary) => {
+                let _ = writeln!(out, "{summary}");
+                if summary.all_lost() {
+                    let _ = writeln!(
+                        out,
+                        "error: ping: no reply from {}: host unreachable or down",
+                        summary.label
+                    );
+                }
+                JobState::Finished
+            }
+            None => JobState::Running,
+        }
+    }
+
+    /// Connections the bench listener served to the end.
+    pub fn bench_served(&self) -> Option<u64> {
+        self.iface.as_ref().and_then(|i| i.stack.bench_served())
+    }
+
+    /// Starts a `net bench` / `net send` job; returns the header line.
+    pub fn start_bench(
+        &mut self,
+        target: Ipv4,
+        label: &str,
+        limit: Limit,
+    ) -> Result<String, String> {
+        let Some(iface) = self.iface.as_mut() else {
+            return Err(format!("no network interface: {}", self.missing));
+        };
+        iface
+            .stack
+            .start_bench(target, label, limit, now())
+            .map_err(|e| format!("{e}"))
+    }
+
+    /// True while a bench job runs.
+    pub fn bench_active(&self) -> bool {
+        self.iface.as_ref().is_some_and(|i| i.stack.bench_active())
+    }
+
+    /// Prints the bench job's progress; at its end the summary (or the error).
+    pub fn bench_output(&mut self, out: &mut dyn Write) -> JobState {
+        let Some(iface) = self.iface.as_mut() else {
+            return JobState::Idle;
+        };
+        if !iface.stack.bench_active() {
+            return JobState::Idle;
+        }
+        let (lines, outcome) = iface.stack.bench_output();
+        for line in lines {
+            let _ = writeln!(out, "{line}");
+        }
+        match outcome {
+            Some(Ok(summary)) => {
+                let _ = writeln!(out, "{summary}");
+                JobState::Finished
+            }
+            Some(Err(error)) => {
+                let _ = writeln!(out, "error: {error}");
+                JobState::Finished
+            }
+            None => JobState::Running,
+        }
+    }
+
+    /// Stops the bench job (Ctrl-C) and prints what it did.
+    pub fn cancel_bench(&mut self, out: &mut dyn Write) {
+        if let Some(line) = self
+            .iface
+            .as_mut()
+            .and_then(|i| i.stack.cancel_bench(now()))
+        {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    /// Connects to `target:port`, sends `text`, waits until the peer acknowledged it, then
+    /// waits up to `reply_wait` for an answer; returns the local port and the answer (if any).
+    /// Blocking: `idle` runs between polls (see the module documentation).
+    pub fn send_text(
+        &mut self,
+        target: Ipv4,
+        port: u16,
+        text: &[u8],
+        reply_wait: Duration,
+        idle: &mut dyn FnMut(),
+    ) -> Result<(u16, Option<String>), String> {
+        // The storage network for its subnet, the cluster network otherwise.
+        let on_storage = self
+            .storage
+            .as_ref()
+            .and_then(|i| i.stack.address())
+            .is_some_and(|net| net.contains(target));
+        let iface = if on_storage {
+            self.storage.as_mut()
+        } else {
+            self.iface.as_mut()
+        };
+        let Some(iface) = iface else {
+            return Err(format!("no network interface: {}", self.missing));
+        };
+        let fail = |what: &str, e: TransportError| format!("{what} {target}:{port}: {e}");
+        let mut t =
+            TcpTransport::connect(&mut iface.stack, target, port, CONNECT_TIMEOUT, now, idle)
+                .map_err(|e| fail("connecting to", e))?;
+        t.write_all(text, IO_TIMEOUT)
+            .and_then(|()| t.flush(IO_TIMEOUT))
+            .map_err(|e| fail("sending to", e))?;
+        let (local, _) = t.ports();
+        let mut buf = [0u8; 256];
+        let reply = match t.read(&mut buf, reply_wait) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(TransportError::Timeout | TransportError::Closed) => None,
+            Err(e) => return Err(fail("reading from", e)),
+        };
+        Ok((local, reply))
+    }
+
+    /// Stops the ping job (Ctrl-C) and prints its summary.
+    pub fn cancel_ping(&mut self, out: &mut dyn Write) {
+        if let Some(summary) = self.iface.as_mut().and_then(|i| i.stack.cancel_ping(now())) {
+            let _ = writeln!(out, "{summary}");
+        }
+    }
+}
