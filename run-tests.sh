@@ -9,7 +9,8 @@
 #   5. kernel + disk images (qemu-run.sh --build-only)
 #   6. end-to-end tests: real nodes under QEMU (SVM) and Bochs (VMX): every test binary of the
 #      tests crate (tests/tests/*.rs: e2e.rs, vms.rs, ...), then the benchmark figures they
-#      wrote to target/bench/
+#      wrote to target/bench/ (the Linux network baseline, tests/tests/baseline.rs, runs alone
+#      after the others: its report compares with the figures of net.rs)
 #
 # Usage: ./run-tests.sh [--no-e2e] [-- <extra arguments for the e2e test binaries, e.g. a filter>]
 # Every step runs even when an earlier one failed (except those that need its output); the exit
@@ -123,7 +124,13 @@ else
         step "end-to-end tests" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" E2E_THREADS="${E2E_THREADS:-2}" \
             timeout -k 30 2400 bash -c 'set -o pipefail
                 cargo test -p tests --test "*" --no-fail-fast -- --include-ignored \
-                    --test-threads "$E2E_THREADS" "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
+                    --test-threads "$E2E_THREADS" --skip linux_baseline "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
+        # The Linux network baseline (tests/tests/baseline.rs) alone, after net.rs: its report puts
+        # the figures net.rs just wrote to target/bench/net-bench.txt next to Linux's.
+        step "Linux network baseline" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" \
+            timeout -k 30 300 bash -c 'set -o pipefail
+                cargo test -p tests --test baseline -- --include-ignored "$@" 2>&1 | tee -a "$E2E_LOG"' \
+            baseline "${E2E_ARGS[@]}" || true
         # Figures printed by benchmark-style tests (e.g. vms.rs bench_verify_in_vm_vs_native).
         for f in "$TARGET_DIR"/bench/*.txt; do
             [[ -f "$f" ]] || continue

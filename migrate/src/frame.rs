@@ -74,11 +74,14 @@ pub enum FrameKind {
     CommitAck = 9,
     /// Either side gives up; the VM stays on the source.
     Abort = 10,
+    /// The destination's answer to [`FrameKind::VmConfig`]: accept, or refuse with a reason.
+    /// Added after the first ten; codes are append-only so existing ones never change meaning.
+    VmConfigReply = 11,
 }
 
 impl FrameKind {
     /// Every kind, in code order.
-    pub const ALL: [FrameKind; 10] = [
+    pub const ALL: [FrameKind; 11] = [
         FrameKind::Hello,
         FrameKind::VmConfig,
         FrameKind::PageBatch,
@@ -89,6 +92,7 @@ impl FrameKind {
         FrameKind::Commit,
         FrameKind::CommitAck,
         FrameKind::Abort,
+        FrameKind::VmConfigReply,
     ];
 
     /// The code of this kind on the wire.
@@ -109,6 +113,7 @@ impl FrameKind {
             8 => Ok(FrameKind::Commit),
             9 => Ok(FrameKind::CommitAck),
             10 => Ok(FrameKind::Abort),
+            11 => Ok(FrameKind::VmConfigReply),
             _ => Err(FrameError::UnknownKind { code }),
         }
     }
@@ -402,11 +407,11 @@ mod tests {
     #[test]
     fn kind_codes_are_stable() {
         let codes: Vec<u16> = FrameKind::ALL.iter().map(|kind| kind.code()).collect();
-        assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         for kind in FrameKind::ALL {
             assert_eq!(FrameKind::from_code(kind.code()), Ok(kind));
         }
-        for code in [0, 11, 0x8000, u16::MAX] {
+        for code in [0, 12, 0x8000, u16::MAX] {
             assert_eq!(
                 FrameKind::from_code(code),
                 Err(FrameError::UnknownKind { code })
@@ -574,7 +579,7 @@ mod tests {
 
     #[test]
     fn unknown_kind() {
-        for code in [0, 11, 0xFFFF] {
+        for code in [0, 12, 0xFFFF] {
             let bytes = raw_frame(MAGIC, PROTOCOL_VERSION, code, 0, &[]);
             assert_eq!(decode_all(&bytes), Err(FrameError::UnknownKind { code }));
         }
@@ -686,7 +691,8 @@ mod tests {
             if rng.below(2) == 0 && bytes.len() >= 8 {
                 bytes[..4].copy_from_slice(&MAGIC);
                 bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-                bytes[6..8].copy_from_slice(&(1 + rng.below(10) as u16).to_le_bytes());
+                bytes[6..8]
+                    .copy_from_slice(&(1 + rng.below(FrameKind::ALL.len()) as u16).to_le_bytes());
             }
             let mut decoder = FrameDecoder::new();
             let mut rest = &bytes[..];

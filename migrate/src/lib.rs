@@ -1,8 +1,12 @@
 //! `migrate`: moves a running VM from one node to another.
 //!
-//! It will hold the versioned migration wire protocol, the source and destination state machines
-//! and the convergence policy. Today it holds the lowest layer of the protocol: [`frame`], which
-//! cuts a byte stream into checked, typed frames, and the [`crc32c`] checksum those frames carry.
+//! Layers, bottom up:
+//! - [`crc32c`] and [`frame`]: cut a byte stream into checked, typed frames;
+//! - [`message`]: the protocol's messages, one per frame kind, with strict decoding, and the
+//!   per-page encodings (raw, zero marker, run-length compressed);
+//! - [`policy`]: the convergence policy (downtime target, round cap, auto-converge throttle);
+//! - [`source`] and [`destination`]: the two ends as sans-IO state machines (shared types in
+//!   [`machine`]) in which every wait has a deadline.
 //!
 //! Dependency rule: `migrate` is plain `no_std + alloc` logic. It never depends on hardware, on the
 //! kernel, or on `vmx`, `net` or `storage`: byte streams, guest memory, vCPU state and the disk
@@ -16,6 +20,14 @@ extern crate alloc;
 extern crate std;
 
 pub mod crc32c;
+pub mod destination;
 pub mod frame;
+pub mod machine;
+pub mod message;
+pub mod policy;
+pub mod source;
+
+#[cfg(test)]
+mod end_to_end_tests;
 
 pub use frame::{encode, Frame, FrameDecoder, FrameError, FrameKind};

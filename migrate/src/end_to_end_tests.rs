@@ -1,0 +1,577 @@
+//! Source and destination run against each other in memory, over real frames, with a fake guest
+//! (a vector of pages plus a dirty bitmap) that keeps writing while it runs, and with a failure
+//! injected at every step. The invariant checked after each run is the issue's failure rule:
+//! either the migration committed and the destination memory equals the source's, or the source
+//! VM runs on, unpaused, unthrottled and untouched, and the destination discarded its copy.
+//!
+//! The dirty log here is a small bitset rather than vmx's `DirtyBitmap`: `migrate` must not depend
+//! on vmx (see the crate docs), and the state machines only see the `SourceGuest` trait anyway.
+
+use alloc::boxed::Box;
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::destination::{
+    Destination, DestinationAction, DestinationConfig, DestinationHost, DestinationState,
+};
+use crate::frame::FrameDecoder;
+use crate::machine::{Failure, GuestError, Output, Timeouts};
+use crate::message::{
+    AbortReason, Capabilities, CpuVendor, Hello, Message, RefuseReason, VmConfig, PAGE_SIZE,
+};
+use crate::policy::PolicyConfig;
+use crate::source::{Source, SourceAction, SourceConfig, SourceGuest, SourceState};
+
+const PAGES: usize = 128;
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0xAA, 0xBB, 0xCC];
+const TICK_US: u64 = 1000;
+const MAX_TICKS: u64 = 20_000;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound.max(1)
+    }
+}
+
+type Page = Box<[u8; PAGE_SIZE]>;
+
+fn vcpu_blob() -> Vec<u8> {
+    let mut v = b"VCPU".to_vec();
+    v.extend_from_slice(&[1, 0, 0, 0]);
+    v.extend_from_slice(&4u32.to_le_bytes());
+    v.extend_from_slice(&[9, 8, 7, 6]);
+    v
+}
+
+struct FakeGuest {
+    pages: Vec<Page>,
+    /// What the guest itself wrote: the source's memory must always equal it.
+    expected: Vec<Page>,
+    dirty: Vec<u64>,
+    paused: bool,
+    throttle: u8,
+    destroyed: bool,
+    writes_per_tick: u64,
+}
+
+impl FakeGuest {
+    fn new(rng: &mut Rng, writes_per_tick: u64) -> Self {
+        let mut pages = Vec::new();
+        for _ in 0..PAGES {
+            let mut page: Page = Box::new([0u8; PAGE_SIZE]);
+            match rng.below(3) {
+                0 => {}
+                1 => page.fill(rng.next_u64() as u8),
+                _ => page
+                    .chunks_mut(8)
+                    .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes())),
+            }
+            pages.push(page);
+        }
+        Self {
+            expected: pages.clone(),
+            pages,
+            dirty: vec![0; PAGES.div_ceil(64)],
+            paused: false,
+            throttle: 0,
+            destroyed: false,
+            writes_per_tick,
+        }
+    }
+
+    fn running(&self) -> bool {
+        !self.paused && !self.destroyed
+    }
+
+    /// The guest's own work: random writes, fewer when throttled.
+    fn run_slice(&mut self, rng: &mut Rng) {
+        if !self.running() {
+            return;
+        }
+        let writes = rng.below(self.writes_per_tick + 1) * u64::from(100 - self.throttle) / 100;
+        for _ in 0..writes {
+            let page = rng.below(PAGES as u64) as usize;
+            let offset = rng.below(PAGE_SIZE as u64) as usize;
+            let value = rng.next_u64() as u8;
+            self.pages[page][offset] = value;
+            self.expected[page][offset] = value;
+            self.dirty[page / 64] |= 1 << (page % 64);
+        }
+    }
+}
+
+impl SourceGuest for FakeGuest {
+    fn page_count(&self) -> u64 {
+        PAGES as u64
+    }
+
+    fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
+        let p = self
+            .pages
+            .get(page as usize)
+            .ok_or(GuestError::PageOutOfRange { page })?;
+        out.copy_from_slice(&p[..]);
+        Ok(())
+    }
+
+    fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
+        let mut out = Vec::new();
+        for (w, word) in self.dirty.iter_mut().enumerate() {
+            for bit in 0..64 {
+                if *word & (1 << bit) != 0 {
+                    out.push((w * 64 + bit) as u64);
+                }
+            }
+            *word = 0;
+        }
+        Ok(out)
+    }
+
+    fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
+        Ok(vec![vcpu_blob()])
+    }
+
+    fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
+        Ok(vec![(1, vec![0x16, 0x55, 0x0A])])
+    }
+}
+
+#[derive(Default)]
+struct FakeHost {
+    pages: Vec<Page>,
+    created: bool,
+    resumed: bool,
+    discarded: bool,
+    announced: Option<[u8; 6]>,
+    vcpus: Vec<Vec<u8>>,
+    devices: Vec<(u32, Vec<u8>)>,
+    refuse: Option<RefuseReason>,
+    fail_write_at: Option<u64>,
+    writes: u64,
+}
+
+impl DestinationHost for FakeHost {
+    fn admit(&mut self, config: &VmConfig, _peer: &Hello) -> Result<(), RefuseReason> {
+        if let Some(reason) = self.refuse.clone() {
+            return Err(reason);
+        }
+        self.pages = (0..config.mem_bytes / PAGE_SIZE as u64)
+            .map(|_| Box::new([0u8; PAGE_SIZE]))
+            .collect();
+        self.created = true;
+        Ok(())
+    }
+
+    fn write_page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), GuestError> {
+        if self.fail_write_at == Some(self.writes) {
+            return Err(GuestError::Failed("page write failed"));
+        }
+        self.writes += 1;
+        let p = self
+            .pages
+            .get_mut(page as usize)
+            .ok_or(GuestError::PageOutOfRange { page })?;
+        p.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn load_vcpu(&mut self, _vcpu: u32, state: &[u8]) -> Result<(), GuestError> {
+        self.vcpus.push(state.to_vec());
+        Ok(())
+    }
+
+    fn load_device(&mut self, device: u32, state: &[u8]) -> Result<(), GuestError> {
+        self.devices.push((device, state.to_vec()));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// Frame `at` (counting both directions) is lost and both transports report the cut.
+    CutLink {
+        at: usize,
+    },
+    /// From frame `at` on nothing arrives and nobody is told: only timeouts can end it.
+    Blackhole {
+        at: usize,
+    },
+    /// One bit of frame `at` flips on the way.
+    Corrupt {
+        at: usize,
+        bit: usize,
+    },
+    /// The destination's `at`-th page write fails.
+    WriteFails {
+        at: u64,
+    },
+    /// The operator cancels at tick `at`.
+    Cancel {
+        at: u64,
+    },
+    /// The destination refuses the configuration.
+    Refuse,
+}
+
+struct Link {
+    fault: Fault,
+    sent: usize,
+    dead: bool,
+    cut_now: bool,
+}
+
+impl Link {
+    fn send(&mut self, message: &Message, to: &mut FrameDecoder) {
+        if self.dead {
+            return;
+        }
+        let k = self.sent;
+        self.sent += 1;
+        let mut bytes = Vec::new();
+        message
+            .encode(&mut bytes)
+            .expect("machines send valid messages");
+        match self.fault {
+            Fault::CutLink { at } if at == k => {
+                self.dead = true;
+                self.cut_now = true;
+                return;
+            }
+            Fault::Blackhole { at } if at == k => {
+                self.dead = true;
+                return;
+            }
+            Fault::Corrupt { at, bit } if at == k => {
+                let bit = bit % (bytes.len() * 8);
+                bytes[bit / 8] ^= 1 << (bit % 8);
+            }
+            _ => {}
+        }
+        to.push(&bytes);
+    }
+}
+
+struct Run {
+    source: Source,
+    destination: Destination,
+    guest: FakeGuest,
+    host: FakeHost,
+    frames: usize,
+    commit_acks: usize,
+    ticks: u64,
+    throttled: bool,
+}
+
+fn policy() -> PolicyConfig {
+    PolicyConfig {
+        downtime_target_us: 2 * TICK_US,
+        max_rounds: 20,
+        throttle_after_rounds: 1,
+        ..PolicyConfig::default()
+    }
+}
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        handshake_us: 50 * TICK_US,
+        pause_us: 20 * TICK_US,
+        idle_us: 50 * TICK_US,
+        commit_us: 50 * TICK_US,
+    }
+}
+
+/// Delivers every complete frame in `decoder`; `Err` if the stream broke.
+fn receive(decoder: &mut FrameDecoder) -> Result<Vec<Message>, ()> {
+    let mut messages = Vec::new();
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => messages.push(Message::decode(&frame).map_err(|_| ())?),
+            Ok(None) => return Ok(messages),
+            Err(_) => return Err(()),
+        }
+    }
+}
+
+fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut guest = FakeGuest::new(&mut rng, writes_per_tick);
+    let mut host = FakeHost::default();
+    if let Fault::WriteFails { at } = fault {
+        host.fail_write_at = Some(at);
+    }
+    if fault == Fault::Refuse {
+        host.refuse = Some(RefuseReason::NotEnoughMemory { free_bytes: 4096 });
+    }
+    let mut source = Source::new(SourceConfig {
+        node_name: "node1".to_string(),
+        capabilities: Capabilities::KNOWN,
+        cpu_vendor: CpuVendor::Amd,
+        cpu_features: 0xF,
+        vm: VmConfig {
+            name: "guest".to_string(),
+            mem_bytes: (PAGES * PAGE_SIZE) as u64,
+            vcpus: 1,
+            dirty_rate: 0,
+            mac: MAC,
+            disk_id: None,
+        },
+        policy: policy(),
+        timeouts: timeouts(),
+        batch_pages: 8,
+    })
+    .expect("valid source config");
+    let mut destination = Destination::new(
+        DestinationConfig {
+            node_name: "node2".to_string(),
+            capabilities: Capabilities::KNOWN,
+            cpu_vendor: CpuVendor::Intel,
+            cpu_features: 0xFF,
+            timeouts: timeouts(),
+        },
+        0,
+    )
+    .expect("valid destination config");
+    let mut link = Link {
+        fault,
+        sent: 0,
+        dead: false,
+        cut_now: false,
+    };
+    let mut to_destination = FrameDecoder::new();
+    let mut to_source = FrameDecoder::new();
+    let mut pause_requested = false;
+    let mut in_doubt = false;
+    let mut commit_acks = 0;
+    let mut throttled = false;
+    source.start(0);
+
+    let mut tick = 0;
+    while tick < MAX_TICKS {
+        let now = tick * TICK_US;
+        if fault == (Fault::Cancel { at: tick }) {
+            source.cancel(now);
+        }
+        source.on_tick(now, &mut guest);
+        destination.on_tick(now);
+        if pause_requested && guest.paused {
+            pause_requested = false;
+            source.on_paused(now, &mut guest);
+        }
+        if in_doubt {
+            // The shared authority (owner record / disk reservation): did the destination commit?
+            in_doubt = false;
+            source.resolve_in_doubt(now, destination.state() == DestinationState::Done);
+        }
+        // Pump messages until both sides are quiet.
+        for _ in 0..8 {
+            while let Some(output) = source.poll_output() {
+                match output {
+                    Output::Send(m) => link.send(&m, &mut to_destination),
+                    Output::Do(SourceAction::SetThrottle(level)) => {
+                        throttled |= level > 0;
+                        guest.throttle = level;
+                    }
+                    Output::Do(SourceAction::PauseVm) => {
+                        guest.paused = true;
+                        pause_requested = true;
+                    }
+                    Output::Do(SourceAction::ResumeVm) => {
+                        guest.paused = false;
+                        pause_requested = false;
+                    }
+                    Output::Do(SourceAction::DestroyVm) => guest.destroyed = true,
+                    Output::Do(SourceAction::ResolveInDoubt) => in_doubt = true,
+                }
+            }
+            match receive(&mut to_destination) {
+                Ok(messages) => {
+                    for m in messages {
+                        destination.on_message(now, m, &mut host);
+                    }
+                }
+                Err(()) => destination.fail(AbortReason::ProtocolError, "bad frame"),
+            }
+            while let Some(output) = destination.poll_output() {
+                match output {
+                    Output::Send(m) => {
+                        if m == Message::CommitAck {
+                            commit_acks += 1;
+                        }
+                        link.send(&m, &mut to_source)
+                    }
+                    Output::Do(DestinationAction::ResumeVm) => host.resumed = true,
+                    Output::Do(DestinationAction::DiscardCopy) => host.discarded = true,
+                    Output::Do(DestinationAction::AnnounceMac(mac)) => host.announced = Some(mac),
+                }
+            }
+            match receive(&mut to_source) {
+                Ok(messages) => {
+                    for m in messages {
+                        source.on_message(now, m, &mut guest);
+                    }
+                }
+                Err(()) => source.fail(now, AbortReason::ProtocolError, "bad frame"),
+            }
+            if link.cut_now {
+                link.cut_now = false;
+                source.fail(now, AbortReason::TransportError, "link cut");
+                destination.fail(AbortReason::TransportError, "link cut");
+            }
+        }
+        guest.run_slice(&mut rng);
+        let source_done = matches!(source.state(), SourceState::Done | SourceState::Failed);
+        let destination_done = matches!(
+            destination.state(),
+            DestinationState::Done | DestinationState::Failed
+        );
+        if source_done && destination_done && !in_doubt && !pause_requested {
+            break;
+        }
+        tick += 1;
+    }
+    Run {
+        source,
+        destination,
+        guest,
+        host,
+        frames: link.sent,
+        commit_acks,
+        ticks: tick,
+        throttled,
+    }
+}
+
+/// The failure rule of the issue, checked on a finished run.
+fn check(run: &Run, fault: Fault) {
+    let ctx = || alloc::format!("{fault:?}, ended at tick {}", run.ticks);
+    assert!(run.ticks < MAX_TICKS, "run did not finish: {}", ctx());
+    assert!(run.commit_acks <= 1, "{}", ctx());
+    match run.source.state() {
+        SourceState::Done => {
+            assert_eq!(run.destination.state(), DestinationState::Done, "{}", ctx());
+            assert!(run.host.resumed && !run.host.discarded, "{}", ctx());
+            assert!(run.guest.destroyed, "{}", ctx());
+            assert!(
+                run.host.pages == run.guest.pages,
+                "memory differs: {}",
+                ctx()
+            );
+            assert_eq!(run.host.vcpus, [vcpu_blob()], "{}", ctx());
+            assert_eq!(run.host.devices, [(1, vec![0x16, 0x55, 0x0A])], "{}", ctx());
+            assert_eq!(run.host.announced, Some(MAC), "{}", ctx());
+        }
+        SourceState::Failed => {
+            assert!(run.source.failure().is_some(), "{}", ctx());
+            assert!(!run.host.resumed, "VM runs on both nodes: {}", ctx());
+            assert!(run.guest.running(), "source VM not running: {}", ctx());
+            assert_eq!(run.guest.throttle, 0, "{}", ctx());
+            assert!(run.guest.pages == run.guest.expected, "{}", ctx());
+            assert_eq!(
+                run.destination.state(),
+                DestinationState::Failed,
+                "{}",
+                ctx()
+            );
+            assert_eq!(run.host.created, run.host.discarded, "copy kept: {}", ctx());
+        }
+        other => panic!("source ended in {other:?}: {}", ctx()),
+    }
+}
+
+#[test]
+fn idle_and_busy_guests_migrate_and_memory_matches() {
+    for seed in 1..=8 {
+        for writes in [0, 4, 12] {
+            let run = migrate(seed, writes, Fault::None);
+            check(&run, Fault::None);
+            assert_eq!(run.source.state(), SourceState::Done);
+            let s = run.source.summary();
+            assert!(s.pages_zero > 0 && s.pages_raw > 0 && s.pages_compressed > 0);
+            assert!(s.downtime_us().is_some());
+            assert_eq!(run.destination.pages_received(), {
+                s.pages_zero + s.pages_raw + s.pages_compressed
+            });
+        }
+    }
+}
+
+#[test]
+fn guest_dirtying_faster_than_the_link_is_throttled_and_completes() {
+    // 8 pages per tick go out; the guest writes up to 64 a tick.
+    let run = migrate(3, 64, Fault::None);
+    check(&run, Fault::None);
+    assert_eq!(run.source.state(), SourceState::Done);
+    assert!(run.throttled, "never throttled");
+}
+
+#[test]
+fn refusal_ends_before_any_page() {
+    let run = migrate(1, 4, Fault::Refuse);
+    check(&run, Fault::Refuse);
+    assert!(matches!(
+        run.source.failure(),
+        Some(Failure::Refused(RefuseReason::NotEnoughMemory { .. }))
+    ));
+    assert!(!run.host.created);
+    assert_eq!(run.destination.pages_received(), 0);
+}
+
+/// A failure at every frame of a migration, three ways, for several guests.
+#[test]
+fn failure_at_any_frame_leaves_one_running_copy() {
+    let mut runs = 0;
+    let mut committed = 0;
+    for seed in 1..=2 {
+        for writes in [2, 40] {
+            let frames = migrate(seed, writes, Fault::None).frames;
+            for at in 0..=frames {
+                for fault in [
+                    Fault::CutLink { at },
+                    Fault::Blackhole { at },
+                    Fault::Corrupt {
+                        at,
+                        bit: (seed as usize * 7919 + at * 31) % 4096,
+                    },
+                ] {
+                    let run = migrate(seed, writes, fault);
+                    check(&run, fault);
+                    runs += 1;
+                    if run.source.state() == SourceState::Done {
+                        committed += 1;
+                    }
+                }
+            }
+        }
+    }
+    // Failures on the last frames (the commit acknowledgement) still commit.
+    assert!(committed > 0 && committed < runs, "{committed} of {runs}");
+    std::eprintln!("{runs} failure runs, {committed} committed");
+}
+
+#[test]
+fn local_failures_and_cancel_at_any_point_leave_the_source_running() {
+    let reference = migrate(5, 8, Fault::None);
+    let writes = reference.destination.pages_received();
+    for at in 0..writes {
+        let fault = Fault::WriteFails { at };
+        let run = migrate(5, 8, fault);
+        check(&run, fault);
+        assert_eq!(run.source.state(), SourceState::Failed);
+    }
+    for at in 0..=reference.ticks {
+        let fault = Fault::Cancel { at };
+        let run = migrate(5, 8, fault);
+        check(&run, fault);
+    }
+}

@@ -1,0 +1,487 @@
+//! The convergence policy: after each pre-copy round, decide whether to copy another round, to
+//! slow the guest down first, or to pause it and send the rest (switchover).
+//!
+//! Pure arithmetic on what the source measured, with no clock and no I/O, so every scenario is a
+//! host test. The rules:
+//!
+//! 1. **Converged**: the pages still dirty would take no longer than the downtime target to send
+//!    at the measured bandwidth. Then pausing costs at most the target, which is the point of
+//!    pre-copy.
+//! 2. **Round cap**: after `max_rounds` rounds, switch over anyway. A guest that never converges
+//!    must not keep the migration (and the link) busy forever; the downtime is then longer than
+//!    the target, and the summary reports it.
+//! 3. **Auto-converge**: when the guest dirties memory faster than a fraction of the link
+//!    (`throttle_trigger_percent`, 50 like QEMU's `throttle-trigger-threshold`) for
+//!    `throttle_after_rounds` rounds in a row (2, like QEMU's `dirty_rate_high_cnt`), take a
+//!    percentage of the vCPU's time slices away: `throttle_initial` (20) first, then
+//!    `throttle_increment` (10) more each time it is still too fast, up to `throttle_max` (99).
+//!    A guest that runs 20 % less dirties roughly 20 % less; the steps keep going until the dirty
+//!    rate falls under the link. Shorter slices are the lever the scheduler has (see the
+//!    concurrency model in the architecture document).
+//!
+//! Bandwidth is an exponentially weighted moving average over rounds (weight of the newest round
+//! `ewma_weight_percent`, 50 by default): one round disturbed by other traffic should not flip the
+//! decision, but a lasting change of the link should show within two or three rounds.
+
+use core::fmt;
+
+use crate::message::PAGE_SIZE;
+
+/// Microseconds per second, for rate arithmetic.
+const MICROS: u128 = 1_000_000;
+
+/// The knobs of the policy. [`PolicyConfig::default`] gives QEMU-like values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// The longest pause of the guest we aim for, in microseconds.
+    pub downtime_target_us: u64,
+    /// Rounds after which the source switches over whatever the dirty count (at least 1).
+    pub max_rounds: u32,
+    /// Whether the guest may be throttled.
+    pub auto_converge: bool,
+    /// First throttle level, in percent of vCPU time taken away.
+    pub throttle_initial: u8,
+    /// Step added to the level each time the guest is still too fast.
+    pub throttle_increment: u8,
+    /// Highest level (below 100: a guest that never runs cannot make progress either).
+    pub throttle_max: u8,
+    /// The dirty rate counts as too high above this percentage of the bandwidth.
+    pub throttle_trigger_percent: u8,
+    /// Consecutive too-fast rounds before the level is raised (at least 1).
+    pub throttle_after_rounds: u32,
+    /// Weight of the newest round in the bandwidth average, 1..=100.
+    pub ewma_weight_percent: u8,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            // QEMU's default downtime-limit.
+            downtime_target_us: 300_000,
+            max_rounds: 30,
+            auto_converge: true,
+            throttle_initial: 20,
+            throttle_increment: 10,
+            throttle_max: 99,
+            throttle_trigger_percent: 50,
+            throttle_after_rounds: 2,
+            ewma_weight_percent: 50,
+        }
+    }
+}
+
+/// A configuration the policy cannot work with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The named field is out of its range (see [`PolicyConfig`]).
+    InvalidConfig { field: &'static str },
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyError::InvalidConfig { field } => {
+                write!(f, "invalid migration policy setting: {field}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for PolicyError {}
+
+/// What one round measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundStats {
+    /// Bytes written to the stream during the round.
+    pub bytes_sent: u64,
+    /// Duration of the round in microseconds.
+    pub elapsed_us: u64,
+    /// Pages found dirty at the end of the round: what the next round (or the switchover) sends.
+    pub pages_dirty: u64,
+}
+
+/// Why the policy chose switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverReason {
+    /// The remainder fits the downtime target.
+    Converged,
+    /// The round cap was reached.
+    RoundCap,
+}
+
+/// The policy's decision after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Copy another round with the throttle unchanged.
+    Continue,
+    /// Set the guest's throttle to this percentage, then copy another round.
+    Throttle(u8),
+    /// Pause the guest and send the rest.
+    Switchover(SwitchoverReason),
+}
+
+/// The policy's state across the rounds of one migration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    config: PolicyConfig,
+    rounds: u32,
+    bandwidth: Option<u64>,
+    throttle: u8,
+    high_dirty_rounds: u32,
+}
+
+impl Policy {
+    /// A policy for a new migration, or an error naming the first invalid setting.
+    pub fn new(config: PolicyConfig) -> Result<Self, PolicyError> {
+        let invalid = |field| Err(PolicyError::InvalidConfig { field });
+        if config.max_rounds == 0 {
+            return invalid("max_rounds");
+        }
+        if config.throttle_max >= 100 {
+            return invalid("throttle_max");
+        }
+        if config.throttle_initial == 0 || config.throttle_initial > config.throttle_max {
+            return invalid("throttle_initial");
+        }
+        if config.throttle_increment == 0 {
+            return invalid("throttle_increment");
+        }
+        if config.throttle_trigger_percent == 0 || config.throttle_trigger_percent > 100 {
+            return invalid("throttle_trigger_percent");
+        }
+        if config.throttle_after_rounds == 0 {
+            return invalid("throttle_after_rounds");
+        }
+        if config.ewma_weight_percent == 0 || config.ewma_weight_percent > 100 {
+            return invalid("ewma_weight_percent");
+        }
+        Ok(Self {
+            config,
+            rounds: 0,
+            bandwidth: None,
+            throttle: 0,
+            high_dirty_rounds: 0,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// Rounds completed so far.
+    pub fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    /// The averaged bandwidth in bytes per second, once a round with a duration was measured.
+    pub fn bandwidth(&self) -> Option<u64> {
+        self.bandwidth
+    }
+
+    /// The current throttle level in percent (0: not throttled).
+    pub fn throttle(&self) -> u8 {
+        self.throttle
+    }
+
+    /// The expected pause, in microseconds, to send `pages` at the measured bandwidth; `None`
+    /// before any bandwidth is known. Saturates rather than overflowing.
+    pub fn expected_downtime_us(&self, pages: u64) -> Option<u64> {
+        let bandwidth = self.bandwidth?;
+        let bytes = u128::from(pages) * PAGE_SIZE as u128;
+        let us = (bytes * MICROS).div_ceil(u128::from(bandwidth.max(1)));
+        Some(u64::try_from(us).unwrap_or(u64::MAX))
+    }
+
+    /// Records a finished round and decides what comes next.
+    pub fn end_round(&mut self, stats: RoundStats) -> Decision {
+        self.rounds = self.rounds.saturating_add(1);
+
+        // A round with no duration says nothing about rates; it still counts against the cap.
+        if stats.elapsed_us > 0 {
+            let sample =
+                u64::try_from(u128::from(stats.bytes_sent) * MICROS / u128::from(stats.elapsed_us))
+                    .unwrap_or(u64::MAX);
+            self.bandwidth = Some(match self.bandwidth {
+                None => sample,
+                Some(old) => {
+                    let w = u128::from(self.config.ewma_weight_percent);
+                    let mixed = (w * u128::from(sample) + (100 - w) * u128::from(old)) / 100;
+                    // A weighted mean of two u64 values fits in a u64.
+                    u64::try_from(mixed).unwrap_or(u64::MAX)
+                }
+            });
+        }
+
+        if stats.pages_dirty == 0 {
+            return Decision::Switchover(SwitchoverReason::Converged);
+        }
+        if let Some(downtime) = self.expected_downtime_us(stats.pages_dirty) {
+            if downtime <= self.config.downtime_target_us {
+                return Decision::Switchover(SwitchoverReason::Converged);
+            }
+        }
+        if self.rounds >= self.config.max_rounds {
+            return Decision::Switchover(SwitchoverReason::RoundCap);
+        }
+
+        if self.config.auto_converge && stats.elapsed_us > 0 {
+            if let Some(bandwidth) = self.bandwidth {
+                let dirty_rate = u128::from(stats.pages_dirty) * PAGE_SIZE as u128 * MICROS
+                    / u128::from(stats.elapsed_us);
+                let limit =
+                    u128::from(bandwidth) * u128::from(self.config.throttle_trigger_percent) / 100;
+                if dirty_rate > limit {
+                    self.high_dirty_rounds = self.high_dirty_rounds.saturating_add(1);
+                } else {
+                    self.high_dirty_rounds = 0;
+                }
+                if self.high_dirty_rounds >= self.config.throttle_after_rounds
+                    && self.throttle < self.config.throttle_max
+                {
+                    self.high_dirty_rounds = 0;
+                    self.throttle = if self.throttle == 0 {
+                        self.config.throttle_initial
+                    } else {
+                        self.throttle
+                            .saturating_add(self.config.throttle_increment)
+                            .min(self.config.throttle_max)
+                    };
+                    return Decision::Throttle(self.throttle);
+                }
+            }
+        }
+        Decision::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    /// A simulated pre-copy: a link of `link` bytes/s and a guest of `pages` pages that dirties
+    /// `dirty_pps` pages per second (scaled down by the throttle) within a hot set of `hot` pages.
+    /// Returns every decision, in order, ending with the switchover.
+    fn simulate(
+        config: PolicyConfig,
+        pages: u64,
+        hot: u64,
+        dirty_pps: u64,
+        link: u64,
+    ) -> Vec<Decision> {
+        let mut policy = Policy::new(config).expect("valid config");
+        let mut to_send = pages;
+        let mut decisions = Vec::new();
+        loop {
+            let bytes = to_send * PAGE_SIZE as u64;
+            let elapsed_us = (bytes * 1_000_000 / link).max(1);
+            let effective = dirty_pps * u64::from(100 - policy.throttle()) / 100;
+            let dirty = (effective * elapsed_us / 1_000_000).min(hot);
+            let decision = policy.end_round(RoundStats {
+                bytes_sent: bytes,
+                elapsed_us,
+                pages_dirty: dirty,
+            });
+            decisions.push(decision);
+            if let Decision::Switchover(_) = decision {
+                return decisions;
+            }
+            assert!(decisions.len() < 1000, "policy never switched over");
+            to_send = dirty;
+        }
+    }
+
+    const GUEST_PAGES: u64 = 16384; // 64 MiB
+    const LINK: u64 = 100_000_000; // 100 MB/s
+
+    #[test]
+    fn idle_guest_converges_in_the_first_rounds() {
+        let d = simulate(PolicyConfig::default(), GUEST_PAGES, 64, 100, LINK);
+        assert_eq!(d, [Decision::Switchover(SwitchoverReason::Converged)]);
+        // A guest dirtying a moderate working set needs one more round at most.
+        let d = simulate(PolicyConfig::default(), GUEST_PAGES, 12_000, 15_000, LINK);
+        assert!(d.len() <= 2, "{d:?}");
+        assert_eq!(
+            d.last(),
+            Some(&Decision::Switchover(SwitchoverReason::Converged))
+        );
+    }
+
+    #[test]
+    fn guest_dirtying_faster_than_the_link_is_throttled_and_converges() {
+        // 50 000 pages/s is about 205 MB/s against a 100 MB/s link: never converges unthrottled.
+        let d = simulate(
+            PolicyConfig::default(),
+            GUEST_PAGES,
+            GUEST_PAGES,
+            50_000,
+            LINK,
+        );
+        let levels: Vec<u8> = d
+            .iter()
+            .filter_map(|x| match x {
+                Decision::Throttle(level) => Some(*level),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(levels.first(), Some(&20), "{d:?}");
+        assert!(levels.windows(2).all(|w| w[1] == w[0] + 10), "{levels:?}");
+        assert_eq!(
+            d.last(),
+            Some(&Decision::Switchover(SwitchoverReason::Converged)),
+            "{d:?}"
+        );
+        assert!(d.len() < 30);
+
+        // Without auto-converge the same guest only stops at the round cap.
+        let config = PolicyConfig {
+            auto_converge: false,
+            ..PolicyConfig::default()
+        };
+        let d = simulate(config, GUEST_PAGES, GUEST_PAGES, 50_000, LINK);
+        assert_eq!(d.len(), 30);
+        assert!(!d.iter().any(|x| matches!(x, Decision::Throttle(_))));
+    }
+
+    #[test]
+    fn round_cap_forces_switchover() {
+        let config = PolicyConfig {
+            max_rounds: 5,
+            throttle_max: 30,
+            ..PolicyConfig::default()
+        };
+        // Far too fast even at the highest level allowed.
+        let d = simulate(config, GUEST_PAGES, GUEST_PAGES, 1_000_000, LINK);
+        assert_eq!(d.len(), 5);
+        assert_eq!(
+            d.last(),
+            Some(&Decision::Switchover(SwitchoverReason::RoundCap))
+        );
+    }
+
+    #[test]
+    fn throttle_stops_at_its_maximum() {
+        let config = PolicyConfig {
+            max_rounds: 100,
+            throttle_max: 45,
+            throttle_after_rounds: 1,
+            ..PolicyConfig::default()
+        };
+        let d = simulate(config, GUEST_PAGES, GUEST_PAGES, 10_000_000, LINK);
+        let levels: Vec<u8> = d
+            .iter()
+            .filter_map(|x| match x {
+                Decision::Throttle(level) => Some(*level),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(levels, [20, 30, 40, 45]);
+        assert_eq!(d.len(), 100);
+    }
+
+    #[test]
+    fn bandwidth_is_an_average_and_degenerate_rounds_are_safe() {
+        let mut p = Policy::new(PolicyConfig::default()).unwrap();
+        assert_eq!(p.expected_downtime_us(10), None);
+        // No duration: no bandwidth yet, so no convergence claim; continues.
+        let d = p.end_round(RoundStats {
+            bytes_sent: 1000,
+            elapsed_us: 0,
+            pages_dirty: 10,
+        });
+        assert_eq!(d, Decision::Continue);
+        assert_eq!(p.bandwidth(), None);
+        p.end_round(RoundStats {
+            bytes_sent: 100_000_000,
+            elapsed_us: 1_000_000,
+            pages_dirty: 1_000_000,
+        });
+        assert_eq!(p.bandwidth(), Some(100_000_000));
+        p.end_round(RoundStats {
+            bytes_sent: 50_000_000,
+            elapsed_us: 1_000_000,
+            pages_dirty: 1_000_000,
+        });
+        assert_eq!(p.bandwidth(), Some(75_000_000));
+        // Extreme values saturate instead of overflowing.
+        p.end_round(RoundStats {
+            bytes_sent: u64::MAX,
+            elapsed_us: 1,
+            pages_dirty: u64::MAX,
+        });
+        assert_eq!(p.expected_downtime_us(u64::MAX).map(|d| d > 0), Some(true));
+        // Nothing dirty: switch over at once.
+        let mut p = Policy::new(PolicyConfig::default()).unwrap();
+        assert_eq!(
+            p.end_round(RoundStats {
+                bytes_sent: 0,
+                elapsed_us: 0,
+                pages_dirty: 0,
+            }),
+            Decision::Switchover(SwitchoverReason::Converged)
+        );
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        let base = PolicyConfig::default();
+        let cases = [
+            (
+                PolicyConfig {
+                    max_rounds: 0,
+                    ..base
+                },
+                "max_rounds",
+            ),
+            (
+                PolicyConfig {
+                    throttle_max: 100,
+                    ..base
+                },
+                "throttle_max",
+            ),
+            (
+                PolicyConfig {
+                    throttle_initial: 0,
+                    ..base
+                },
+                "throttle_initial",
+            ),
+            (
+                PolicyConfig {
+                    throttle_increment: 0,
+                    ..base
+                },
+                "throttle_increment",
+            ),
+            (
+                PolicyConfig {
+                    throttle_trigger_percent: 101,
+                    ..base
+                },
+                "throttle_trigger_percent",
+            ),
+            (
+                PolicyConfig {
+                    throttle_after_rounds: 0,
+                    ..base
+                },
+                "throttle_after_rounds",
+            ),
+            (
+                PolicyConfig {
+                    ewma_weight_percent: 0,
+                    ..base
+                },
+                "ewma_weight_percent",
+            ),
+        ];
+        for (config, field) in cases {
+            assert_eq!(
+                Policy::new(config).map(|_| ()),
+                Err(PolicyError::InvalidConfig { field })
+            );
+        }
+    }
+}
