@@ -8,6 +8,7 @@
 //! - [`hw`]: the two hardware seams of a driver, registers ([`hw::Mmio`]) and DMA memory
 //!   ([`hw::DmaRegion`]);
 //! - [`e1000`]: the Intel 82540EM driver, a smoltcp `phy::Device`;
+//! - [`virtio`]: the virtio-net driver (on the `virtio-drivers` crate), a smoltcp `phy::Device`;
 //! - [`stack`]: one smoltcp interface with its sockets, a mirror of its neighbor cache
 //!   ([`neighbors`]) and the `ping` job ([`ping`]), driven by a bounded poll;
 //! - [`transport`]: the byte-stream [`Transport`] (timeouts, typed errors) over smoltcp TCP
@@ -38,9 +39,12 @@ pub mod pci;
 pub mod ping;
 pub mod stack;
 pub mod transport;
+pub mod virtio;
 
 /// The TCP/IP stack this crate builds on (its `time` types appear in the APIs here).
 pub use smoltcp;
+/// The virtio transport and device crate under [`virtio`] (the kernel implements its `Hal`).
+pub use virtio_drivers;
 
 pub use announce::{gratuitous_arp, rarp_announce, AnnounceParams, AnnounceSchedule};
 pub use transport::{Transport, TransportError};

@@ -87,6 +87,9 @@ pub struct ClusterOptions {
     pub set: Vec<(String, String)>,
     /// Bound on the wait for every node's console.
     pub boot_timeout: Duration,
+    /// The QEMU NIC model of the node links (`qemu-run.sh --nic`), e.g. `virtio-net-pci`;
+    /// `None`: the script's default, e1000. Only for QEMU.
+    pub nic: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -99,6 +102,7 @@ impl Default for ClusterOptions {
             mem_mib: 512,
             set: Vec::new(),
             boot_timeout: Duration::from_secs(180),
+            nic: None,
         }
     }
 }
@@ -150,6 +154,10 @@ impl ClusterOptions {
                 args.push("--bochs-cpu".into());
                 args.push(model.clone());
             }
+        }
+        if let Some(nic) = &self.nic {
+            args.push("--nic".into());
+            args.push(nic.clone());
         }
         for (k, v) in &self.set {
             args.push("--set".into());

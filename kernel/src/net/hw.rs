@@ -2,10 +2,16 @@
 //! physically contiguous frames seen through the physical-memory window ([`DmaMemory`]).
 //! Every access is bounds-checked against what was mapped or allocated.
 
+use core::ptr::NonNull;
+
 use ::net::hw::{DmaRegion, Mmio};
+use ::net::pci::{ConfigSpace, PciAddress};
+use ::net::virtio_drivers;
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction};
 use x86_64::PhysAddr;
 
 use crate::mem;
+use crate::pci::PortConfig;
 
 /// A device's register BAR, mapped uncached.
 pub struct BarMmio {
@@ -127,5 +133,91 @@ impl DmaRegion for DmaMemory {
         // slice the only reference.
         let bytes = unsafe { core::slice::from_raw_parts_mut(self.ptr.add(offset), len) };
         f(bytes)
+    }
+}
+
+/// The `virtio-drivers` HAL: DMA memory is physically contiguous zeroed frames seen through the
+/// physical-memory window, device registers are mapped uncached, and sharing a buffer is an
+/// address translation (buffers must lie in the physical-memory window: the virtio driver
+/// keeps its packet buffers in [`DmaMemory`], never on the heap).
+pub struct KernelHal;
+
+// SAFETY: `dma_alloc` returns zeroed, physically contiguous frames owned by the caller, seen
+// at `phys_to_virt`; `mmio_phys_to_virt` maps the asked range uncached; `share` returns the
+// physical address of a buffer in the physical-memory window (checked), which is identity for
+// the device (no IOMMU).
+unsafe impl virtio_drivers::Hal for KernelHal {
+    fn dma_alloc(
+        pages: usize,
+        _direction: virtio_drivers::BufferDirection,
+    ) -> (virtio_drivers::PhysAddr, NonNull<u8>) {
+        match mem::alloc_zeroed_contiguous(pages.max(1)) {
+            Some(hpa) => (
+                hpa,
+                NonNull::new(mem::phys_to_virt(hpa)).expect("physical window at 0"),
+            ),
+            None => (0, NonNull::dangling()),
+        }
+    }
+
+    unsafe fn dma_dealloc(
+        paddr: virtio_drivers::PhysAddr,
+        _vaddr: NonNull<u8>,
+        pages: usize,
+    ) -> i32 {
+        match mem::free_frames(paddr, pages.max(1)) {
+            Ok(()) => 0,
+            Err(err) => {
+                log::warn!("net: freeing virtio DMA memory at {paddr:#x}: {err:?}");
+                -1
+            }
+        }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: virtio_drivers::PhysAddr, size: usize) -> NonNull<u8> {
+        let virt = mem::map_mmio_range(PhysAddr::new(paddr), size as u64)
+            .unwrap_or_else(|e| panic!("mapping virtio registers at {paddr:#x}: {e}"));
+        NonNull::new(virt.as_mut_ptr()).expect("MMIO mapping at 0")
+    }
+
+    unsafe fn share(
+        buffer: NonNull<[u8]>,
+        _direction: virtio_drivers::BufferDirection,
+    ) -> virtio_drivers::PhysAddr {
+        let base = mem::phys_to_virt(0) as u64;
+        let virt = buffer.as_ptr() as *mut u8 as u64;
+        assert!(
+            virt >= base,
+            "virtio buffer at {virt:#x} outside the physical-memory window"
+        );
+        virt - base
+    }
+
+    unsafe fn unshare(
+        _paddr: virtio_drivers::PhysAddr,
+        _buffer: NonNull<[u8]>,
+        _direction: virtio_drivers::BufferDirection,
+    ) {
+    }
+}
+
+/// PCI configuration space for `virtio-drivers`: mechanism #1 (the kernel's [`PortConfig`]).
+pub struct PortCam;
+
+fn pci_address(df: DeviceFunction) -> PciAddress {
+    PciAddress::new(df.bus, df.device, df.function)
+}
+
+impl ConfigurationAccess for PortCam {
+    fn read_word(&self, device_function: DeviceFunction, register_offset: u8) -> u32 {
+        PortConfig.read32(pci_address(device_function), register_offset)
+    }
+
+    fn write_word(&mut self, device_function: DeviceFunction, register_offset: u8, data: u32) {
+        PortConfig.write32(pci_address(device_function), register_offset, data)
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        PortCam
     }
 }

@@ -20,13 +20,17 @@ use ::net::bench::Limit;
 use ::net::e1000::{self, Counters, E1000Config, MacSource, E1000};
 use ::net::neighbors::Neighbor;
 use ::net::pci::{PciAddress, PciFunction};
+use ::net::smoltcp::phy::{Device, DeviceCapabilities, RxToken, TxToken};
 use ::net::smoltcp::time::Instant;
 use ::net::stack::{PingError, Stack, TcpTransport};
 use ::net::transport::{Transport, TransportError};
+use ::net::virtio::{self, VirtioNet};
+use ::net::virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
+use ::net::virtio_drivers::transport::pci::PciTransport;
 use kernel::config::NodeConfig;
 
 use crate::{clock, pci};
-use hw::{BarMmio, DmaMemory};
+use hw::{BarMmio, DmaMemory, KernelHal, PortCam};
 
 /// Frames received per poll at most: bounds the time one poll takes under a flood.
 const RX_BUDGET: usize = 64;
@@ -34,7 +38,125 @@ const RX_BUDGET: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Nic = E1000<BarMmio, DmaMemory>;
+type Virtio = VirtioNet<KernelHal, PciTransport, DmaMemory>;
+
+/// A NIC of either model, one smoltcp `phy::Device`.
+pub enum Nic {
+    E1000(E1000<BarMmio, DmaMemory>),
+    Virtio(alloc::boxed::Box<Virtio>),
+}
+
+/// Either driver's receive token.
+pub enum NicRx<'a> {
+    E1000(<E1000<BarMmio, DmaMemory> as Device>::RxToken<'a>),
+    Virtio(<Virtio as Device>::RxToken<'a>),
+}
+
+/// Either driver's transmit token.
+pub enum NicTx<'a> {
+    E1000(<E1000<BarMmio, DmaMemory> as Device>::TxToken<'a>),
+    Virtio(<Virtio as Device>::TxToken<'a>),
+}
+
+impl RxToken for NicRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        match self {
+            NicRx::E1000(t) => t.consume(f),
+            NicRx::Virtio(t) => t.consume(f),
+        }
+    }
+}
+
+impl TxToken for NicTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        match self {
+            NicTx::E1000(t) => t.consume(len, f),
+            NicTx::Virtio(t) => t.consume(len, f),
+        }
+    }
+}
+
+impl Device for Nic {
+    type RxToken<'a> = NicRx<'a>;
+    type TxToken<'a> = NicTx<'a>;
+
+    fn receive(&mut self, now: Instant) -> Option<(NicRx<'_>, NicTx<'_>)> {
+        match self {
+            Nic::E1000(d) => d
+                .receive(now)
+                .map(|(r, t)| (NicRx::E1000(r), NicTx::E1000(t))),
+            Nic::Virtio(d) => d
+                .receive(now)
+                .map(|(r, t)| (NicRx::Virtio(r), NicTx::Virtio(t))),
+        }
+    }
+
+    fn transmit(&mut self, now: Instant) -> Option<NicTx<'_>> {
+        match self {
+            Nic::E1000(d) => d.transmit(now).map(NicTx::E1000),
+            Nic::Virtio(d) => d.transmit(now).map(NicTx::Virtio),
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        match self {
+            Nic::E1000(d) => d.capabilities(),
+            Nic::Virtio(d) => d.capabilities(),
+        }
+    }
+}
+
+impl Nic {
+    fn mac(&self) -> [u8; 6] {
+        match self {
+            Nic::E1000(d) => d.mac(),
+            Nic::Virtio(d) => d.mac(),
+        }
+    }
+
+    fn link_up(&self) -> bool {
+        match self {
+            Nic::E1000(d) => d.link_up(),
+            Nic::Virtio(d) => d.link_up(),
+        }
+    }
+
+    fn counters(&mut self) -> Counters {
+        match self {
+            Nic::E1000(d) => d.counters(),
+            Nic::Virtio(d) => d.counters(),
+        }
+    }
+
+    fn ring_sizes(&self) -> (usize, usize) {
+        match self {
+            Nic::E1000(d) => d.ring_sizes(),
+            Nic::Virtio(d) => d.ring_sizes(),
+        }
+    }
+}
+
+/// Which driver a PCI function takes, with the model name `net show` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    E1000,
+    Virtio,
+}
+
+impl Driver {
+    fn name(self) -> &'static str {
+        match self {
+            Driver::E1000 => "e1000",
+            Driver::Virtio => "virtio",
+        }
+    }
+}
+
+fn driver_for(f: &PciFunction) -> Option<(Driver, &'static str)> {
+    e1000::model(f.vendor_id, f.device_id)
+        .map(|m| (Driver::E1000, m))
+        .or_else(|| virtio::model(f.vendor_id, f.device_id).map(|m| (Driver::Virtio, m)))
+}
 
 /// The cluster-network interface.
 pub struct Iface {
@@ -45,6 +167,8 @@ pub struct Iface {
     /// The configuration key of its address.
     pub addr_key: &'static str,
     pub pci: PciAddress,
+    /// `e1000` or `virtio`.
+    pub driver: &'static str,
     pub model: &'static str,
     pub bar: u64,
     pub mac_source: MacSource,
@@ -85,9 +209,9 @@ pub fn now() -> Instant {
 /// Finds and starts the cluster NIC. Never fails: without a usable NIC the node runs without
 /// networking, and `net show` says why.
 pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
-    let nics: alloc::vec::Vec<(&PciFunction, &'static str)> = functions
+    let nics: alloc::vec::Vec<(&PciFunction, (Driver, &'static str))> = functions
         .iter()
-        .filter_map(|f| e1000::model(f.vendor_id, f.device_id).map(|m| (f, m)))
+        .filter_map(|f| driver_for(f).map(|m| (f, m)))
         .collect();
     let mut net = match nics.first() {
         Some(&(function, model)) => {
@@ -105,7 +229,7 @@ pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
         }
         None => Net::without(no_nic_reason(functions)),
     };
-    // The second e1000 (in PCI order) is the storage network's.
+    // The second NIC (in PCI order) is the storage network's.
     if let Some(&(function, model)) = nics.get(1) {
         match start(function, model, "eth1", STORAGE, config.storage_addr) {
             Ok(iface) => net.storage = Some(iface),
@@ -117,9 +241,10 @@ pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
 
 fn log_iface(iface: &Iface) {
     log::info!(
-        "net: {} ({}) {} at {}, MAC {} ({}), {}",
+        "net: {} ({}) {} {} at {}, MAC {} ({}), {}",
         iface.name,
         iface.role,
+        iface.driver,
         iface.model,
         iface.pci,
         e1000::Mac(iface.stack.mac()),
@@ -140,7 +265,7 @@ fn no_nic_reason(functions: &[PciFunction]) -> String {
     if others.is_empty() {
         String::from("no network controller on the PCI buses")
     } else {
-        format!("no driver for the network controller(s){others} (e1000 only, so far)")
+        format!("no driver for the network controller(s){others} (e1000 and virtio-net only)")
     }
 }
 
@@ -169,11 +294,66 @@ fn mac_source_name(source: MacSource) -> &'static str {
 
 fn start(
     function: &PciFunction,
-    model: &'static str,
+    (driver, model): (Driver, &'static str),
     name: &'static str,
     role: Role,
     addr: Option<Ipv4Net>,
 ) -> Result<Iface, String> {
+    let (nic, mac_source, bar_addr) = match driver {
+        Driver::E1000 => start_e1000(function)?,
+        Driver::Virtio => start_virtio(function)?,
+    };
+    let mac = nic.mac();
+    let stack = Stack::new(nic, mac, addr, now(), clock::rdtsc());
+    let iface = Iface {
+        name,
+        role: role.0,
+        addr_key: role.1,
+        pci: function.addr,
+        driver: driver.name(),
+        model,
+        bar: bar_addr,
+        mac_source,
+        stack,
+    };
+    log_iface(&iface);
+    Ok(iface)
+}
+
+/// Starts the virtio driver on the modern PCI transport (its capabilities name the BARs).
+fn start_virtio(function: &PciFunction) -> Result<(Nic, MacSource, u64), String> {
+    let command = ::net::pci::enable_device(&mut pci::PortConfig, function.addr, true);
+    log::debug!("net: {} command register {command:#06x}", function.addr);
+    let mut root = PciRoot::new(PortCam);
+    let df = DeviceFunction {
+        bus: function.addr.bus,
+        device: function.addr.device,
+        function: function.addr.function,
+    };
+    let transport = PciTransport::new::<KernelHal, _>(&mut root, df)
+        .map_err(|e| format!("virtio transport: {e}"))?;
+    let mem = DmaMemory::alloc(virtio::region_bytes())
+        .ok_or("no contiguous memory for the packet buffers")?;
+    // On failure the buffers' frames and the register mappings stay allocated: a boot-time
+    // loss, once.
+    let nic = VirtioNet::new(transport, mem).map_err(|e| format!("virtio-net: {e}"))?;
+    // The last memory BAR: QEMU's virtio structures (BAR 4), after the MSI-X table (BAR 1).
+    let bar = function
+        .bars
+        .iter()
+        .rev()
+        .flatten()
+        .find_map(|b| b.memory_addr())
+        .unwrap_or(0);
+    // The MAC comes from the device's configuration registers.
+    Ok((
+        Nic::Virtio(alloc::boxed::Box::new(nic)),
+        MacSource::Registers,
+        bar,
+    ))
+}
+
+fn start_e1000(function: &PciFunction) -> Result<(Nic, MacSource, u64), String> {
     let bar = function
         .bars
         .first()
@@ -197,20 +377,7 @@ fn start(
     // On failure the rings' frames and the BAR mapping stay allocated: a boot-time loss, once.
     let nic = E1000::new(regs, rx, tx, rings).map_err(|e| format!("e1000: {e}"))?;
     let mac_source = nic.mac_source();
-    let mac = nic.mac();
-    let stack = Stack::new(nic, mac, addr, now(), clock::rdtsc());
-    let iface = Iface {
-        name,
-        role: role.0,
-        addr_key: role.1,
-        pci: function.addr,
-        model,
-        bar: bar_addr,
-        mac_source,
-        stack,
-    };
-    log_iface(&iface);
-    Ok(iface)
+    Ok((Nic::E1000(nic), mac_source, bar_addr))
 }
 
 fn iface_status(iface: &mut Iface) -> IfaceStatus {

@@ -83,8 +83,8 @@ fn show_iface(
 ) -> core::fmt::Result {
     writeln!(
         out,
-        "{} ({}): e1000 {} at {}, registers at {:#x}",
-        iface.name, iface.role, iface.model, iface.pci, iface.bar
+        "{} ({}): {} {} at {}, registers at {:#x}",
+        iface.name, iface.role, iface.driver, iface.model, iface.pci, iface.bar
     )?;
     writeln!(
         out,
