@@ -451,6 +451,13 @@ impl Net {
         }
     }
 
+    /// Applies a new storage-network address (from `config set`).
+    pub fn set_storage_address(&mut self, addr: Option<Ipv4Net>) {
+        if let Some(iface) = self.storage.as_mut() {
+            iface.stack.set_address(addr);
+        }
+    }
+
     /// Starts a ping job; returns the header line.
     pub fn start_ping(&mut self, target: Ipv4, label: &str, count: u32) -> Result<String, String> {
         let Some(iface) = self.iface.as_mut() else {

@@ -280,8 +280,10 @@ fn config(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
             // Apply what takes effect at once; the rest is read by its owner when used.
             log::set_max_level(node.config.log_level);
             fault::set_exit_on_fault(node.config.on_panic == OnPanic::Exit);
-            if *key == "cluster_addr" {
-                node.net.set_address(node.config.cluster_addr);
+            match *key {
+                "cluster_addr" => node.net.set_address(node.config.cluster_addr),
+                "storage_addr" => node.net.set_storage_address(node.config.storage_addr),
+                _ => {}
             }
             writeln!(out, "{key} = {value}").map_err(out_err)
         }
