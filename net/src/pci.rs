@@ -490,6 +490,23 @@ pub fn device_name(vendor_id: u16, device_id: u16) -> Option<&'static str> {
     })
 }
 
+/// The name of `(vendor_id, device_id)` in a driver's table of the device IDs it supports for
+/// `vendor`; `None` when the driver does not handle the device.
+pub fn model_in(
+    supported: &[(u16, &'static str)],
+    vendor: u16,
+    vendor_id: u16,
+    device_id: u16,
+) -> Option<&'static str> {
+    if vendor_id != vendor {
+        return None;
+    }
+    supported
+        .iter()
+        .find(|&&(id, _)| id == device_id)
+        .map(|&(_, name)| name)
+}
+
 #[cfg(test)]
 pub(crate) mod fake {
     //! An in-memory configuration space with BAR sizing semantics.

@@ -144,6 +144,37 @@ impl fmt::Display for ConnectError {
     }
 }
 
+/// Why a destination cannot be reached on an interface; pings and connections report it in
+/// their own error types.
+enum TargetError {
+    NoAddress,
+    OwnAddress(Ipv4),
+    NoRoute { target: Ipv4, net: Ipv4Net },
+    NotUnicast(Ipv4),
+}
+
+impl From<TargetError> for PingError {
+    fn from(e: TargetError) -> PingError {
+        match e {
+            TargetError::NoAddress => PingError::NoAddress,
+            TargetError::OwnAddress(ip) => PingError::OwnAddress(ip),
+            TargetError::NoRoute { target, net } => PingError::NoRoute { target, net },
+            TargetError::NotUnicast(ip) => PingError::NotUnicast(ip),
+        }
+    }
+}
+
+impl From<TargetError> for ConnectError {
+    fn from(e: TargetError) -> ConnectError {
+        match e {
+            TargetError::NoAddress => ConnectError::NoAddress,
+            TargetError::OwnAddress(ip) => ConnectError::OwnAddress(ip),
+            TargetError::NoRoute { target, net } => ConnectError::NoRoute { target, net },
+            TargetError::NotUnicast(ip) => ConnectError::NotUnicast(ip),
+        }
+    }
+}
+
 impl From<ConnectError> for TransportError {
     fn from(e: ConnectError) -> TransportError {
         match e {
@@ -289,17 +320,17 @@ impl<D: Device> Stack<D> {
         }
     }
 
-    /// Validates a destination on this interface's network.
-    fn check_target(&self, target: Ipv4) -> Result<(), ConnectError> {
-        let net = self.addr.ok_or(ConnectError::NoAddress)?;
+    /// Validates a destination on this interface's network (for pings and connections alike).
+    fn check_target(&self, target: Ipv4) -> Result<(), TargetError> {
+        let net = self.addr.ok_or(TargetError::NoAddress)?;
         if !target.is_unicast() || target == net.broadcast() && net.prefix <= 30 {
-            return Err(ConnectError::NotUnicast(target));
+            return Err(TargetError::NotUnicast(target));
         }
         if target == net.addr {
-            return Err(ConnectError::OwnAddress(target));
+            return Err(TargetError::OwnAddress(target));
         }
         if !net.contains(target) {
-            return Err(ConnectError::NoRoute { target, net });
+            return Err(TargetError::NoRoute { target, net });
         }
         Ok(())
     }
@@ -464,16 +495,7 @@ impl<D: Device> Stack<D> {
         if self.ping.is_some() {
             return Err(PingError::Busy);
         }
-        let net = self.addr.ok_or(PingError::NoAddress)?;
-        if !target.is_unicast() || target == net.broadcast() && net.prefix <= 30 {
-            return Err(PingError::NotUnicast(target));
-        }
-        if target == net.addr {
-            return Err(PingError::OwnAddress(target));
-        }
-        if !net.contains(target) {
-            return Err(PingError::NoRoute { target, net });
-        }
+        self.check_target(target)?;
         let ident = self.next_ident;
         self.next_ident = self.next_ident.wrapping_add(1).max(1);
         let job = PingJob::new(target, label, count, ident, now).map_err(PingError::Count)?;

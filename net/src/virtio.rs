@@ -34,13 +34,7 @@ pub const SUPPORTED: &[(u16, &str)] = &[(0x1000, "virtio-net"), (0x1041, "virtio
 
 /// The model name of a supported (vendor, device) pair.
 pub fn model(vendor_id: u16, device_id: u16) -> Option<&'static str> {
-    if vendor_id != VENDOR_VIRTIO {
-        return None;
-    }
-    SUPPORTED
-        .iter()
-        .find(|&&(id, _)| id == device_id)
-        .map(|&(_, name)| name)
+    crate::pci::model_in(SUPPORTED, VENDOR_VIRTIO, vendor_id, device_id)
 }
 
 /// Descriptors per virtqueue (QEMU offers 256).

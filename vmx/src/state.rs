@@ -273,12 +273,17 @@ impl SegmentAttributes {
     /// saying "null segment"; the other bits are kept. Out-of-range `seg_type`/`dpl` are masked
     /// (use [`SegmentAttributes::validate`] to reject them instead).
     pub const fn to_svm(&self) -> u16 {
+        self.svm_layout(self.present && !self.unusable)
+    }
+
+    /// The SVM `attrib` layout of these attributes, with P as given.
+    const fn svm_layout(&self, present: bool) -> u16 {
         let mut a = (self.seg_type & 0xF) as u16;
         a |= ((self.dpl & 3) as u16) << svm_attr::DPL_SHIFT;
         if self.s {
             a |= svm_attr::S;
         }
-        if self.present && !self.unusable {
+        if present {
             a |= svm_attr::P;
         }
         if self.avl {
@@ -344,26 +349,8 @@ impl SegmentAttributes {
     /// The packed form used by the migration encoding: the SVM layout in bits 11:0 plus
     /// `unusable` in bit 12 (so both vendors' information survives).
     const fn to_wire(self) -> u16 {
-        let mut a = (self.seg_type & 0xF) as u16;
-        a |= ((self.dpl & 3) as u16) << svm_attr::DPL_SHIFT;
-        if self.s {
-            a |= svm_attr::S;
-        }
-        if self.present {
-            a |= svm_attr::P;
-        }
-        if self.avl {
-            a |= svm_attr::AVL;
-        }
-        if self.long {
-            a |= svm_attr::L;
-        }
-        if self.db {
-            a |= svm_attr::DB;
-        }
-        if self.granularity {
-            a |= svm_attr::G;
-        }
+        // Unlike `to_svm`, P is kept as is: `unusable` travels in its own bit.
+        let mut a = self.svm_layout(self.present);
         if self.unusable {
             a |= WIRE_UNUSABLE;
         }

@@ -39,7 +39,8 @@ impl core::fmt::Display for LoadError {
     }
 }
 
-/// Clears `ram`, loads the test guest, and returns the vCPU state to start it with.
+/// Loads the test guest into `ram`, which must be all zeroes (fresh, or cleared for a reboot),
+/// and returns the vCPU state to start it with.
 pub fn load_test_guest(
     ram: &mut GuestRam,
     tsc_hz: u64,
@@ -53,7 +54,6 @@ pub fn load_test_guest(
             end: span.end,
         });
     }
-    ram.clear();
     for segment in image.segments() {
         // The rest of each segment (bss) is already zero.
         if !ram.write(segment.paddr, segment.data) {

@@ -527,6 +527,8 @@ impl VmTable {
 impl Vm {
     /// Reloads the guest into RAM and resets the vCPU (a power cycle).
     fn reload(&mut self) -> Result<(), VmError> {
+        // A power cycle: nothing of the old run may survive (bss and data pages start at zero).
+        self.ram.clear();
         let state = loader::load_test_guest(
             &mut self.ram,
             clock::tsc_hz(),

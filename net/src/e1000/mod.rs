@@ -46,13 +46,7 @@ pub const SUPPORTED: &[(u16, &str)] = &[(0x100E, "82540EM"), (0x100F, "82545EM")
 
 /// The model name of a supported (vendor, device) pair.
 pub fn model(vendor_id: u16, device_id: u16) -> Option<&'static str> {
-    if vendor_id != VENDOR_INTEL {
-        return None;
-    }
-    SUPPORTED
-        .iter()
-        .find(|&&(id, _)| id == device_id)
-        .map(|&(_, name)| name)
+    crate::pci::model_in(SUPPORTED, VENDOR_INTEL, vendor_id, device_id)
 }
 
 /// Bytes per packet buffer (receive and transmit).
