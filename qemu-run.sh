@@ -9,6 +9,8 @@
 #   --bochs-cpu MODEL  Bochs CPU model (default corei7_skylake_x: EPT with A/D bits, PML)
 #   --mem MiB          memory per node (default 512)
 #   --nic MODEL        QEMU NIC model for the node links: e1000 (default) or virtio-net-pci
+#   --capture          QEMU: record each node's cluster-link frames (first 256 bytes of each) in
+#                      DIR/nodeK.cluster.pcap (-object filter-dump)
 #   --set KEY=VALUE    add (or replace) a line in every node's configuration file; repeatable
 #                      (defaults: name = nodeK, log_level = info, on_panic = halt,
 #                      cluster_addr = 10.10.0.K/24, peer.nodeJ = 10.10.0.J for every other node J;
@@ -38,6 +40,9 @@
 # Under Bochs, two or more nodes get an e1000 each (ethmod=socket: frames in UDP datagrams),
 # linked through frame-hub on 127.0.0.1 (a hub: every frame to every other node).
 #
+# Every QEMU node has a QMP socket, DIR/nodeK.qmp (tests use it to cut a node's link with
+# set_link), and each emulator's pid is in DIR/nodeK.pid (tests kill a node with it).
+#
 # A node's emulator that exits on its own is reported on stderr ("node2: emulator exited with
 # status S") and its status written to DIR/nodeK.status; the other nodes keep running. QEMU exits
 # with status (v << 1) | 1 when the kernel writes v to the isa-debug-exit port 0xf4 (on_panic =
@@ -59,6 +64,7 @@ HEADLESS=""
 TIMEOUT=180
 BUILD=1
 BUILD_ONLY=0
+CAPTURE=0
 SETS=()
 KERNEL_ARG=""
 
@@ -120,6 +126,10 @@ while [[ $# -gt 0 ]]; do
             ;;
         --no-build)
             BUILD=0
+            shift
+            ;;
+        --capture)
+            CAPTURE=1
             shift
             ;;
         --kernel)
@@ -390,6 +400,7 @@ start_qemu() {
     local args=(
         qemu-system-x86_64 -name "node$k" -accel tcg -cpu EPYC -smp 1 -m "$MEM"
         -display none -monitor none -parallel none
+        -qmp "unix:$RUN_DIR/node$k.qmp,server=on,wait=off"
         -chardev "socket,id=con,path=$RUN_DIR/node$k.serial"
         -serial chardev:con
         -device isa-debug-exit,iobase=0xf4,iosize=0x04
@@ -408,12 +419,16 @@ start_qemu() {
         net=(-netdev "vde,id=link,sock=$SWITCH")
     fi
     if ((NODES >= 2)); then
-        net+=(-device "$NIC,netdev=link,mac=$(mac_of "$k"),addr=0x3")
+        net+=(-device "$NIC,id=cluster,netdev=link,mac=$(mac_of "$k"),addr=0x3")
+        if ((CAPTURE)); then
+            net+=(-object "filter-dump,id=capture,netdev=link,file=$RUN_DIR/node$k.cluster.pcap,maxlen=256")
+        fi
         # The storage network: user-mode networking, private to this node.
         net+=(-netdev "user,id=storage,ipv6=off" -device "$NIC,netdev=storage,mac=$(storage_mac_of "$k"),addr=0x4")
     fi
     spawn "node$k (qemu)" TERM "$RUN_DIR/node$k.emu.out" "${args[@]}" "${net[@]}"
     EMU_PIDS[k - 1]=$SPAWNED_PID
+    echo "$SPAWNED_PID" >"$RUN_DIR/node$k.pid"
     if ((NODES == 2 && k == 1)); then
         # Node 2 connects to the port node 1's QEMU picked (port 0: no race for a free port).
         wait_for "node1's link port" "$SPAWNED_PID" 20 eval 'LINK_PORT="$(listen_port_of "$SPAWNED_PID")"; [[ -n "$LINK_PORT" ]]' || exit 1
@@ -464,6 +479,7 @@ EOF
     spawn "node$k (bochs)" KILL "$RUN_DIR/node$k.emu.out" \
         env TERM="$term" bochs-bin -q -f "$RUN_DIR/node$k.bxrc" -rc "$RUN_DIR/bochs.rc"
     EMU_PIDS[k - 1]=$SPAWNED_PID
+    echo "$SPAWNED_PID" >"$RUN_DIR/node$k.pid"
 }
 
 # Bochs links: node K's NIC listens on UDP BOCHS_NET_BASE + 2(K-1) and sends to the next port,

@@ -24,3 +24,4 @@ pub mod config;
 pub mod console;
 pub mod elf;
 pub mod frames;
+pub mod guest_clock;

@@ -14,6 +14,7 @@ mod clock;
 mod fault;
 mod logger;
 mod mem;
+mod migration;
 mod net;
 mod pci;
 mod serial;
@@ -88,11 +89,13 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let net = net::init(&config, functions);
 
     let vms = vm::VmTable::new(&caps);
+    let migrations = migration::Migrations::new(&config.name);
     shell::run(shell::Node {
         config,
         caps,
         vms,
         net,
+        migrations,
     })
 }
 

@@ -6,7 +6,13 @@
 //!   per-page encodings (raw, zero marker, run-length compressed);
 //! - [`policy`]: the convergence policy (downtime target, round cap, auto-converge throttle);
 //! - [`source`] and [`destination`]: the two ends as sans-IO state machines (shared types in
-//!   [`machine`]) in which every wait has a deadline.
+//!   [`machine`]) in which every wait has a deadline;
+//! - [`link`]: messages over a non-blocking byte [`link::Pipe`] (the kernel's TCP socket), with an
+//!   outbound queue for what the pipe cannot take yet;
+//! - [`driver`]: each machine over a link, one non-blocking step at a time, with backpressure on
+//!   pre-copy and transport failures fed to the machine as aborts;
+//! - [`digest`]: an order-independent digest of guest memory, kept up to date page by page, so
+//!   both ends can compare memory at switchover without hashing all of it during the pause.
 //!
 //! Dependency rule: `migrate` is plain `no_std + alloc` logic. It never depends on hardware, on the
 //! kernel, or on `vmx`, `net` or `storage`: byte streams, guest memory, vCPU state and the disk
@@ -21,7 +27,10 @@ extern crate std;
 
 pub mod crc32c;
 pub mod destination;
+pub mod digest;
+pub mod driver;
 pub mod frame;
+pub mod link;
 pub mod machine;
 pub mod message;
 pub mod policy;

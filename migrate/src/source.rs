@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! Idle -start-> AwaitHello -Hello-> AwaitConfigReply -Accept-> PreCopy (rounds, policy)
-//!   PreCopy -policy says switchover-> Pausing (PauseVm) -paused-> AwaitCommitAck
-//!   (Switchover, final pages, vCPU and device state, Commit sent on the way)
-//!   AwaitCommitAck -CommitAck-> Done (DestroyVm)
+//!   PreCopy -policy says switchover-> Pausing (PauseVm) -paused-> FinalCopy (Switchover,
+//!   the last dirty pages batch by batch, like a round) -> AwaitCommitAck (vCPU and device
+//!   state, Commit sent on the way) -CommitAck-> Done (DestroyVm)
 //! ```
 //!
 //! Failure rule: before `Commit` is sent, any failure (refusal, abort from the peer, timeout,
@@ -74,6 +74,9 @@ pub enum SourceState {
     AwaitConfigReply,
     PreCopy,
     Pausing,
+    /// Paused: the last dirty pages go out batch by batch (the driver keeps its queue bounded,
+    /// so a large final round never has to sit in memory at once).
+    FinalCopy,
     AwaitCommitAck,
     InDoubt,
     Done,
@@ -164,6 +167,10 @@ pub struct Source {
     throttled: bool,
     failure: Option<Failure>,
     summary: Summary,
+    /// Pages found dirty at the end of the last round, and the rate they were dirtied at
+    /// (pages per second), for the operator's progress line.
+    last_dirty: u64,
+    last_dirty_rate: Option<u64>,
 }
 
 fn hello_of(config: &SourceConfig) -> Hello {
@@ -228,6 +235,8 @@ impl Source {
             throttled: false,
             failure: None,
             summary: Summary::default(),
+            last_dirty: 0,
+            last_dirty_rate: None,
         })
     }
 
@@ -246,6 +255,28 @@ impl Source {
     /// The current pre-copy round (1 is the full copy), 0 before it starts.
     pub fn round(&self) -> u32 {
         self.round
+    }
+
+    /// Pages of the current round not yet put into a batch. In pre-copy, 0 means the next tick
+    /// ends the round; a driver with an outbound queue waits for the queue to drain first, so
+    /// the round's measured bandwidth is the link's, not the speed of filling a buffer.
+    pub fn round_pages_left(&self) -> usize {
+        self.round_pages.len().saturating_sub(self.cursor)
+    }
+
+    /// Pages of the current round sent so far, and the round's size.
+    pub fn round_progress(&self) -> (u64, u64) {
+        (self.cursor as u64, self.round_pages.len() as u64)
+    }
+
+    /// Pages found dirty at the end of the last round (what the next round resends).
+    pub fn dirty_pending(&self) -> u64 {
+        self.last_dirty
+    }
+
+    /// How fast the guest dirtied pages during the last round, in pages per second.
+    pub fn dirty_rate(&self) -> Option<u64> {
+        self.last_dirty_rate
     }
 
     /// The policy's view: measured bandwidth, throttle, rounds.
@@ -340,16 +371,29 @@ impl Source {
             self.abort(now, AbortReason::Timeout, text, false);
             return;
         }
-        if self.state != SourceState::PreCopy {
-            return;
-        }
-        if self.cursor < self.round_pages.len() {
-            if let Err(e) = self.send_batch(guest) {
-                self.local_failure(now, e);
+        match self.state {
+            SourceState::PreCopy | SourceState::FinalCopy
+                if self.cursor < self.round_pages.len() =>
+            {
+                if let Err(e) = self.send_batch(guest) {
+                    self.local_failure(now, e);
+                }
             }
-            return;
+            SourceState::PreCopy => self.end_round(now, guest),
+            SourceState::FinalCopy => {
+                if let Err(e) = self.send_state(guest) {
+                    self.local_failure(now, e);
+                    return;
+                }
+                self.out.push_back(Output::Send(Message::Commit));
+                self.wait(
+                    SourceState::AwaitCommitAck,
+                    now,
+                    self.config.timeouts.commit_us,
+                );
+            }
+            _ => {}
         }
-        self.end_round(now, guest);
     }
 
     /// The driver paused the VM as asked by [`SourceAction::PauseVm`].
@@ -358,16 +402,20 @@ impl Source {
             return;
         }
         self.summary.paused_us = Some(now);
-        if let Err(e) = self.send_final(guest) {
-            self.local_failure(now, e);
-            return;
+        self.out.push_back(Output::Send(Message::Switchover));
+        let mut pages = core::mem::take(&mut self.pending);
+        match guest.harvest_dirty() {
+            Ok(dirty) => pages.extend(dirty),
+            Err(e) => {
+                self.local_failure(now, e);
+                return;
+            }
         }
-        self.out.push_back(Output::Send(Message::Commit));
-        self.wait(
-            SourceState::AwaitCommitAck,
-            now,
-            self.config.timeouts.commit_us,
-        );
+        // The final pages belong to one more round, so the destination's round check holds.
+        // Sending them needs no deadline: the driver notices a link that stops taking data.
+        self.begin_round(now, sorted_unique(pages));
+        self.state = SourceState::FinalCopy;
+        self.deadline = None;
     }
 
     /// `migrate cancel`.
@@ -534,6 +582,14 @@ impl Source {
                 dirty_remaining: dirty.len() as u64,
             })));
         self.summary.bytes_sent += (HEADER_LEN + 20) as u64;
+        let elapsed = now.saturating_sub(self.round_start);
+        self.last_dirty = dirty.len() as u64;
+        if elapsed > 0 {
+            self.last_dirty_rate = Some(
+                u64::try_from(u128::from(self.last_dirty) * 1_000_000 / u128::from(elapsed))
+                    .unwrap_or(u64::MAX),
+            );
+        }
         let decision = self.policy.end_round(crate::policy::RoundStats {
             bytes_sent: self.round_bytes,
             elapsed_us: now.saturating_sub(self.round_start),
@@ -556,16 +612,8 @@ impl Source {
         }
     }
 
-    /// Switchover, the final pages, vCPU and device state (the VM is paused).
-    fn send_final(&mut self, guest: &mut impl SourceGuest) -> Result<(), GuestError> {
-        self.out.push_back(Output::Send(Message::Switchover));
-        let mut pages = core::mem::take(&mut self.pending);
-        pages.extend(guest.harvest_dirty()?);
-        // The final pages belong to one more round, so the destination's round check holds.
-        self.begin_round(self.summary.paused_us.unwrap_or(0), sorted_unique(pages));
-        while self.cursor < self.round_pages.len() {
-            self.send_batch(guest)?;
-        }
+    /// The vCPU and device state, after the final pages (the VM is paused).
+    fn send_state(&mut self, guest: &mut impl SourceGuest) -> Result<(), GuestError> {
         for (index, bytes) in guest.save_vcpus()?.into_iter().enumerate() {
             let vcpu = u32::try_from(index).map_err(|_| GuestError::Failed("too many vCPUs"))?;
             self.summary.bytes_sent += (HEADER_LEN + 8 + bytes.len()) as u64;
@@ -727,6 +775,10 @@ mod tests {
     fn unsendable_vcpu_state_aborts_and_resumes() {
         let mut s = paused_source();
         s.on_paused(10, &mut Guest);
+        assert_eq!(s.state(), SourceState::FinalCopy);
+        // Two pages in one batch, then the state, which cannot be sent.
+        s.on_tick(11, &mut Guest);
+        s.on_tick(12, &mut Guest);
         assert_eq!(s.state(), SourceState::Failed);
         let out = drain(&mut s);
         assert_eq!(out.last(), Some(&Output::Do(SourceAction::ResumeVm)));

@@ -40,7 +40,7 @@
 pub mod hub;
 
 use std::fmt;
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -90,6 +90,9 @@ pub struct ClusterOptions {
     /// The QEMU NIC model of the node links (`qemu-run.sh --nic`), e.g. `virtio-net-pci`;
     /// `None`: the script's default, e1000. Only for QEMU.
     pub nic: Option<String>,
+    /// Record every node's cluster-link frames in `nodeK.cluster.pcap` (`qemu-run.sh
+    /// --capture`). Only for QEMU.
+    pub capture: bool,
 }
 
 impl Default for ClusterOptions {
@@ -103,6 +106,7 @@ impl Default for ClusterOptions {
             set: Vec::new(),
             boot_timeout: Duration::from_secs(180),
             nic: None,
+            capture: false,
         }
     }
 }
@@ -158,6 +162,9 @@ impl ClusterOptions {
         if let Some(nic) = &self.nic {
             args.push("--nic".into());
             args.push(nic.clone());
+        }
+        if self.capture {
+            args.push("--capture".into());
         }
         for (k, v) in &self.set {
             args.push("--set".into());
@@ -459,6 +466,65 @@ impl Cluster {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends one QMP command (a JSON object) to node K's QEMU and returns its reply line.
+    pub fn qmp(&self, k: usize, command: &str) -> Result<String, HarnessError> {
+        let path = self.dir.join(format!("node{k}.qmp"));
+        let fail = |e: io::Error| HarnessError(format!("QMP of node{k} ({}): {e}", path.display()));
+        let stream = UnixStream::connect(&path).map_err(fail)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(fail)?;
+        let mut writer = stream.try_clone().map_err(fail)?;
+        let mut reader = io::BufReader::new(stream);
+        let mut line = String::new();
+        // The greeting, then capabilities negotiation, then the command; events may come
+        // in between, so read until a line with "return" or "error".
+        reader.read_line(&mut line).map_err(fail)?;
+        let reply = |reader: &mut io::BufReader<UnixStream>| -> Result<String, HarnessError> {
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).map_err(fail)? == 0 {
+                    return err(format!("QMP of node{k}: connection closed"));
+                }
+                if line.contains("\"return\"") || line.contains("\"error\"") {
+                    return Ok(line);
+                }
+            }
+        };
+        writeln!(writer, "{{\"execute\": \"qmp_capabilities\"}}").map_err(fail)?;
+        reply(&mut reader)?;
+        writeln!(writer, "{command}").map_err(fail)?;
+        let answer = reply(&mut reader)?;
+        if answer.contains("\"error\"") {
+            return err(format!("QMP of node{k}: {command} failed: {answer}"));
+        }
+        Ok(answer)
+    }
+
+    /// Cuts (or restores) node K's cluster link, as pulling its cable would.
+    pub fn set_cluster_link(&self, k: usize, up: bool) -> Result<(), HarnessError> {
+        self.qmp(
+            k,
+            &format!("{{\"execute\": \"set_link\", \"arguments\": {{\"name\": \"cluster\", \"up\": {up}}}}}"),
+        )
+        .map(|_| ())
+    }
+
+    /// Kills node K's emulator at once (SIGKILL), as a power loss would.
+    pub fn kill_node(&self, k: usize) -> Result<(), HarnessError> {
+        let path = self.dir.join(format!("node{k}.pid"));
+        let pid = fs::read_to_string(&path)
+            .map_err(|e| HarnessError(format!("{}: {e}", path.display())))?;
+        let status = Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .map_err(|e| HarnessError(format!("kill: {e}")))?;
+        if !status.success() {
+            return err(format!("kill -KILL {} failed", pid.trim()));
+        }
+        Ok(())
     }
 
     /// Keeps the run directory after the cluster is dropped, even when the test passes.

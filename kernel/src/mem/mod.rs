@@ -28,7 +28,7 @@ pub use heap::heap_stats;
 const LOW_MEMORY_END: u64 = 0x10_0000;
 /// Kernel-chosen virtual areas, in the lower half (the bootloader's are in the upper half).
 const HEAP_START: u64 = 0x0000_4000_0000_0000;
-const HEAP_SIZE: u64 = 16 * 1024 * 1024;
+const HEAP_SIZE: u64 = 32 * 1024 * 1024;
 const MMIO_START: u64 = 0x0000_5000_0000_0000;
 /// End of the MMIO window (1 TiB of virtual space: never the limit in practice).
 const MMIO_END: u64 = 0x0000_5100_0000_0000;

@@ -398,6 +398,26 @@ impl Net {
         self.iface.as_ref()
     }
 
+    /// The cluster interface's stack, for the connections of other modules (migration).
+    pub fn cluster_stack(&mut self) -> Option<&mut Stack<Nic>> {
+        self.iface.as_mut().map(|i| &mut i.stack)
+    }
+
+    /// Sends one raw Ethernet frame on the cluster NIC (announcements); false if the transmit
+    /// ring is full or there is no NIC.
+    pub fn send_cluster_frame(&mut self, frame: &[u8]) -> bool {
+        let Some(iface) = self.iface.as_mut() else {
+            return false;
+        };
+        match iface.stack.device_mut().transmit(now()) {
+            Some(token) => {
+                token.consume(frame.len(), |buf| buf.copy_from_slice(frame));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Why there is no interface.
     pub fn missing_reason(&self) -> &str {
         &self.missing

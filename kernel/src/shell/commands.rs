@@ -16,7 +16,8 @@ use crate::{clock, fault, mem, trap};
 
 type Result = core::result::Result<(), CommandError>;
 
-const VM_USAGE: &str = "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [track=dbit|wp] \
+const VM_USAGE: &str =
+    "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [track=dbit|wp] [mac=<xx:..>] \
 | start|stop|pause|resume|verify|show|destroy|console <name> | list \
 | dirty <name> reset|harvest";
 
@@ -84,6 +85,13 @@ pub const TABLE: &[Command<Node>] = &[
             "ICMP echo to a node or address, once a second (count 1..1000, default 4; Ctrl-C stops)",
         hidden: false,
         run: super::net::ping,
+    },
+    Command {
+        name: "migrate",
+        usage: super::migrate::MIGRATE_USAGE,
+        summary: "move a VM to another node while it runs; progress, cancel",
+        hidden: false,
+        run: super::migrate::migrate,
     },
     Command {
         name: "pci",

@@ -1,6 +1,7 @@
 //! The operator's console on COM1: read bytes, edit the line, run commands, print the prompt.
 
 mod commands;
+mod migrate;
 mod net;
 mod vm;
 
@@ -27,6 +28,7 @@ pub struct Node {
     pub caps: Capabilities,
     pub vms: VmTable,
     pub net: crate::net::Net,
+    pub migrations: crate::migration::Migrations,
 }
 
 impl Node {
@@ -108,14 +110,39 @@ pub fn run(mut node: Node) -> ! {
         // Busy: frames still waiting, or a bench sending (the loop then does not halt; the VM
         // slices still run every round).
         let net_busy = node.net.poll();
+        let (lines, migrating) = node.migrations.poll(&mut node.net, &mut node.vms);
+        print_above_prompt(&node, &editor, &lines);
         let ping = node.net.ping_output(&mut Console);
         let bench = node.net.bench_output(&mut Console);
         if ping == crate::net::JobState::Finished || bench == crate::net::JobState::Finished {
             prompt(&node);
         }
-        if !node.vms.any_runnable() && !net_busy {
+        if !node.vms.any_runnable() && !net_busy && !migrating {
             x86_64::instructions::interrupts::enable_and_hlt();
         }
+    }
+}
+
+/// Prints lines of background work (migrations) above the prompt, then redraws the prompt
+/// with what the operator was typing.
+fn print_above_prompt(node: &Node, editor: &LineEditor, lines: &[alloc::string::String]) {
+    if lines.is_empty() {
+        return;
+    }
+    if node.vms.attached.is_some() {
+        // The terminal belongs to the attached guest (see `run_vms`).
+        for line in lines {
+            log::info!("[migrate] {line}");
+        }
+        return;
+    }
+    serial::write_bytes(b"\r\x1b[K");
+    for line in lines {
+        println!("[migrate] {line}");
+    }
+    if !node.job_running() {
+        prompt(node);
+        serial::write_str(editor.line());
     }
 }
 

@@ -145,7 +145,10 @@ fn arp(node: &mut Node, out: &mut dyn Write) -> core::fmt::Result {
 }
 
 /// Resolves a ping target: an address, a peer's name, or this node's own name.
-fn resolve(node: &Node, target: &str) -> core::result::Result<(Ipv4, String), CommandError> {
+pub(super) fn resolve(
+    node: &Node,
+    target: &str,
+) -> core::result::Result<(Ipv4, String), CommandError> {
     if target.bytes().next().is_some_and(|b| b.is_ascii_digit()) {
         let ip = Ipv4::parse(target).map_err(|e| bad(format!("'{}': {e}", shorten(target))))?;
         return Ok((ip, target.to_string()));
@@ -177,7 +180,7 @@ fn resolve(node: &Node, target: &str) -> core::result::Result<(Ipv4, String), Co
 }
 
 /// At most 32 characters of user input in a message.
-fn shorten(text: &str) -> String {
+pub(super) fn shorten(text: &str) -> String {
     let mut s: String = text.chars().take(32).collect();
     if text.chars().count() > 32 {
         s.push_str("...");

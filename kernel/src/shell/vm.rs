@@ -26,11 +26,23 @@ fn bad(text: String) -> CommandError {
     CommandError::BadArguments(text)
 }
 
+/// Refuses operator changes to a VM a migration holds.
+fn not_migrating(node: &Node, name: &str) -> Result {
+    match node.vms.get(name) {
+        Ok(vm) if vm.migrating => Err(failed(VmError::Migrating(name.into()))),
+        _ => Ok(()),
+    }
+}
+
 pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
+    if let ["start" | "stop" | "pause" | "resume" | "destroy" | "dirty", name, ..] = args {
+        not_migrating(node, name)?;
+    }
+    let node_name = node.config.name.clone();
     let vms = &mut node.vms;
     match args {
         ["create", name, options @ ..] => {
-            let spec = parse_create(name, options)?;
+            let spec = parse_create(&node_name, name, options)?;
             vms.create(spec).map_err(failed)?;
             writeln!(out, "vm {name} created (off); 'vm start {name}' boots it").map_err(out_err)
         }
@@ -100,7 +112,36 @@ pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     }
 }
 
-fn parse_create(name: &str, options: &[&str]) -> core::result::Result<VmSpec, CommandError> {
+/// A locally administered unicast MAC derived from the node and VM names (FNV-1a): stable for
+/// a VM created again under the same name, distinct between VMs in practice.
+fn default_mac(node: &str, vm: &str) -> [u8; 6] {
+    let mut hash = ::net::bench::Fnv1a::default();
+    hash.update(node.as_bytes());
+    hash.update(b"/");
+    hash.update(vm.as_bytes());
+    let b = hash.0.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+fn parse_mac(value: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = value.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    // Unicast only: a VM's station address cannot be a group address.
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+fn parse_create(
+    node: &str,
+    name: &str,
+    options: &[&str],
+) -> core::result::Result<VmSpec, CommandError> {
     if !is_valid_node_name(name) {
         return Err(bad(format!(
             "bad VM name '{name}': 1-32 letters, digits, '-' or '_', starting with a letter"
@@ -111,6 +152,7 @@ fn parse_create(name: &str, options: &[&str]) -> core::result::Result<VmSpec, Co
         mem_mib: DEFAULT_MEM_MIB,
         dirty_pages_per_sec: 0,
         tracking: DirtyTracking::DirtyBits,
+        mac: default_mac(node, name),
     };
     for option in options {
         let Some((key, value)) = option.split_once('=') else {
@@ -132,6 +174,13 @@ fn parse_create(name: &str, options: &[&str]) -> core::result::Result<VmSpec, Co
                 }
             }
             "dirty" => spec.dirty_pages_per_sec = parse_number("dirty", value)?,
+            "mac" => {
+                spec.mac = parse_mac(value).ok_or_else(|| {
+                    bad(format!(
+                        "mac must be six hex bytes like 02:00:00:00:00:01 (unicast), not '{value}'"
+                    ))
+                })?
+            }
             "track" => {
                 spec.tracking = match value {
                     "dbit" => DirtyTracking::DirtyBits,
@@ -172,6 +221,10 @@ fn show(node: &Node, name: &str, out: &mut dyn Write) -> Result {
             vm.spec.dirty_pages_per_sec
         )?;
         writeln!(out, "  dirty tracking: {}", vm.spec.tracking)?;
+        writeln!(out, "  mac: {}", ::net::e1000::Mac(vm.spec.mac))?;
+        if vm.migrating {
+            writeln!(out, "  held by a migration (see 'migrate status')")?;
+        }
         writeln!(out, "  rip: {:#x}", vm.rip())?;
         writeln!(
             out,

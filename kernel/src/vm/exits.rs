@@ -39,6 +39,9 @@ pub(super) fn run_until_slice_end(vm: &mut Vm, raw: bool, out: &mut dyn FnMut(&s
         return;
     }
     let tick = trap::timer_ticks();
+    if !vm.throttle.allows(tick) {
+        return;
+    }
     if let Some(halted) = vm.halted_at {
         if tick <= halted {
             return;

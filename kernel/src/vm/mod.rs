@@ -9,6 +9,9 @@ mod exits;
 mod loader;
 pub mod memory;
 mod nested;
+mod snapshot;
+
+pub use snapshot::ClockState;
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -17,6 +20,7 @@ use alloc::vec::Vec;
 
 use hashbrown::HashMap;
 use kernel::frames::FRAME_SIZE;
+use migrate::message::CpuVendor;
 use vmx::devices::uart::Uart16550;
 use vmx::dirty::DirtyBitmap;
 use vmx::exit::ExitCounters;
@@ -44,6 +48,8 @@ pub enum VmState {
     Paused,
     /// Stopped by the hypervisor because the guest did something it cannot continue from.
     Crashed(String),
+    /// Being built by an incoming migration: memory and state arrive, nothing runs yet.
+    Incoming,
 }
 
 impl core::fmt::Display for VmState {
@@ -54,6 +60,7 @@ impl core::fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Crashed(_) => "crashed",
+            VmState::Incoming => "incoming",
         })
     }
 }
@@ -84,6 +91,8 @@ pub struct VmSpec {
     pub mem_mib: u64,
     pub dirty_pages_per_sec: u64,
     pub tracking: DirtyTracking,
+    /// The MAC of the VM's network identity, announced after a migration.
+    pub mac: [u8; 6],
 }
 
 /// Why a VM operation was refused.
@@ -104,6 +113,8 @@ pub enum VmError {
     NoAsid,
     TrackingUnsupported,
     Setup(String),
+    /// A migration holds the VM; `migrate cancel` releases it.
+    Migrating(String),
 }
 
 impl core::fmt::Display for VmError {
@@ -127,6 +138,10 @@ impl core::fmt::Display for VmError {
                 "this CPU's nested paging has no dirty bits: use track=wp"
             ),
             VmError::Setup(why) => write!(f, "{why}"),
+            VmError::Migrating(name) => write!(
+                f,
+                "VM '{name}' is being migrated (see 'migrate status'; 'migrate cancel {name}')"
+            ),
         }
     }
 }
@@ -152,8 +167,43 @@ pub struct Vm {
     /// Guest TSC = host TSC + this.
     tsc_offset: i64,
     /// Host TSC when the VM was paused: guest time stands still while paused, as with
-    /// QEMU/KVM, so a guest never sees a jump after a pause (or, later, a migration).
+    /// QEMU/KVM, so a guest never sees a jump after a pause (or a migration).
     paused_at_tsc: Option<u64>,
+    /// A migration holds the VM: operator state changes are refused.
+    pub migrating: bool,
+    /// Share of vCPU time taken away (auto-converge), 0-99 percent.
+    throttle: Throttle,
+}
+
+/// Auto-converge: the VM runs only on some timer ticks, so a guest that dirties memory faster
+/// than the link carries it gets less CPU time and the migration converges.
+#[derive(Debug, Default, Clone, Copy)]
+struct Throttle {
+    percent: u8,
+    /// Tick of the last decision and its outcome (a slice may be resumed several times within
+    /// one tick).
+    tick: u64,
+    run_this_tick: bool,
+    /// Accumulated run share, in percent of a tick.
+    credit: u32,
+}
+
+impl Throttle {
+    /// Whether the VM may run during `tick`.
+    fn allows(&mut self, tick: u64) -> bool {
+        if self.percent == 0 {
+            return true;
+        }
+        if tick != self.tick {
+            self.tick = tick;
+            self.credit += 100 - u32::from(self.percent);
+            self.run_this_tick = self.credit >= 100;
+            if self.run_this_tick {
+                self.credit -= 100;
+            }
+        }
+        self.run_this_tick
+    }
 }
 
 impl Vm {
@@ -308,6 +358,45 @@ impl VmTable {
 
     /// Creates a VM (off, guest loaded) after checking every refusal up front.
     pub fn create(&mut self, spec: VmSpec) -> Result<(), VmError> {
+        self.build(spec, false)
+    }
+
+    /// Creates the empty shell of a VM arriving by migration: zeroed RAM, a placeholder vCPU
+    /// state, state [`VmState::Incoming`], held by the migration. Refuses as `create` does.
+    pub fn create_incoming(&mut self, spec: VmSpec) -> Result<(), VmError> {
+        self.build(spec, true)
+    }
+
+    /// Frames a VM of `mem_mib` would take, and the frames free now.
+    pub fn memory_check(&self, mem_mib: u64) -> Result<(), VmError> {
+        let pages = (mem_mib << 20) / FRAME_SIZE;
+        // RAM, one NPT leaf table per 512 pages (+ upper levels), bitmaps, VMCBs, slack.
+        let need_frames = pages + pages / 512 + 64;
+        let free = mem::frame_stats().free;
+        if need_frames > free {
+            return Err(VmError::NotEnoughMemory {
+                need_mib: need_frames.div_ceil(256),
+                free_mib: free / 256,
+            });
+        }
+        Ok(())
+    }
+
+    /// The CPU vendor VMs run on here, if virtualization is on.
+    pub fn vendor(&self) -> Option<CpuVendor> {
+        match self.backend {
+            Backend::Svm { .. } => Some(CpuVendor::Amd),
+            Backend::Vmx { .. } => Some(CpuVendor::Intel),
+            Backend::Unavailable(_) => None,
+        }
+    }
+
+    /// Whether this CPU's nested paging has dirty bits (else write protection tracks writes).
+    pub fn has_dirty_bits(&self) -> bool {
+        self.backend.has_dirty_bits()
+    }
+
+    fn build(&mut self, spec: VmSpec, incoming: bool) -> Result<(), VmError> {
         if let Backend::Unavailable(why) = &self.backend {
             return Err(VmError::NoVirtualization(why));
         }
@@ -319,15 +408,8 @@ impl VmTable {
         }
         let bytes = spec.mem_mib << 20;
         let pages = bytes / FRAME_SIZE;
-        // RAM, one NPT leaf table per 512 pages (+ upper levels), bitmaps, VMCBs, slack.
+        self.memory_check(spec.mem_mib)?;
         let need_frames = pages + pages / 512 + 64;
-        let free = mem::frame_stats().free;
-        if need_frames > free {
-            return Err(VmError::NotEnoughMemory {
-                need_mib: need_frames.div_ceil(256),
-                free_mib: free / 256,
-            });
-        }
         let tag = self.free_tag().ok_or(VmError::NoAsid)?;
 
         let mut ram = GuestRam::new(bytes).map_err(|_| VmError::NotEnoughMemory {
@@ -347,6 +429,11 @@ impl VmTable {
         let state = mapped
             .map_err(|err| format!("mapping guest RAM: {err}"))
             .and_then(|()| {
+                if incoming {
+                    // Memory and vCPU state arrive from the source; any valid state will do
+                    // until then.
+                    return Ok(VcpuState::reset_64bit(0, 0, 0));
+                }
                 loader::load_test_guest(&mut ram, clock::tsc_hz(), spec.dirty_pages_per_sec)
                     .map_err(|err| format!("{err}"))
             });
@@ -370,7 +457,11 @@ impl VmTable {
         let name = spec.name.clone();
         let mut vm = Vm {
             spec,
-            state: VmState::Off,
+            state: if incoming {
+                VmState::Incoming
+            } else {
+                VmState::Off
+            },
             ram,
             npt,
             vcpu,
@@ -383,10 +474,13 @@ impl VmTable {
             started_ms: 0,
             tsc_offset: 0,
             paused_at_tsc: None,
+            migrating: incoming,
+            throttle: Throttle::default(),
         };
         vm.dirty_reset();
         log::info!(
-            "vm {name}: created ({} MiB, TLB tag {tag})",
+            "vm {name}: {} ({} MiB, TLB tag {tag})",
+            if incoming { "incoming" } else { "created" },
             vm.spec.mem_mib
         );
         self.order.push(name.clone());

@@ -1,0 +1,739 @@
+//! Live migration on this node: at most one VM leaving (`migrate <vm> <node>`) and one VM
+//! arriving at a time, both advanced by the console loop without ever blocking it.
+//!
+//! The protocol and every decision live in the `migrate` crate (sans-IO state machines, driven
+//! through `migrate::driver` over a non-blocking pipe). This module is the glue: a smoltcp TCP
+//! connection on the cluster network as the pipe ([`pipe::SocketPipe`]), this node's VM table
+//! as the guest ([`glue`]), and the actions the machines ask for (throttle, pause, resume,
+//! destroy, announce) carried out on the VM table and the NIC.
+//!
+//! Every node listens on [`PORT`]. One loop pass = one `step` of each machine, the actions it
+//! returned, then one `flush`: so a commit acknowledgement leaves only after the VM was resumed.
+
+mod glue;
+mod pipe;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use ::net::addr::Ipv4;
+use ::net::announce::{rarp_announce, AnnounceParams, AnnounceSchedule};
+use ::net::smoltcp::iface::SocketHandle;
+use ::net::smoltcp::socket::tcp::State;
+use ::net::smoltcp::time::Duration as SmolDuration;
+use migrate::destination::{Destination, DestinationAction, DestinationConfig, DestinationState};
+use migrate::digest::MemoryDigest;
+use migrate::driver::{DestinationDriver, SourceDriver};
+use migrate::machine::Timeouts;
+use migrate::message::{Capabilities, CpuVendor, VmConfig, PAGE_SIZE};
+use migrate::policy::PolicyConfig;
+use migrate::source::{Source, SourceAction, SourceConfig, SourceState};
+
+use crate::clock;
+use crate::net::Net;
+use crate::vm::{VmState, VmTable};
+use glue::{DestinationNode, IncomingVm, SourceVm};
+use pipe::SocketPipe;
+
+/// The TCP port every node receives migrations on.
+pub const PORT: u16 = 7070;
+/// Pages per batch: 128 KiB of raw pages per frame keeps one loop pass short.
+const BATCH_PAGES: usize = 32;
+/// A connection with unacknowledged data or unanswered keep-alives for this long is lost.
+const TCP_TIMEOUT: SmolDuration = SmolDuration::from_secs(10);
+const TCP_KEEP_ALIVE: SmolDuration = SmolDuration::from_secs(2);
+/// Summary lines kept for `migrate status`.
+const HISTORY: usize = 8;
+
+/// A VM leaving this node.
+struct Outgoing {
+    vm: String,
+    peer: String,
+    driver: SourceDriver,
+    socket: SocketHandle,
+    was_running: bool,
+    started_us: u64,
+    /// Set when the source lost track of the commit (see `SourceState::InDoubt`).
+    in_doubt: bool,
+    /// The digest of the VM's memory at switchover, computed before the copy here is freed.
+    digest: Option<u64>,
+}
+
+/// A VM arriving on this node.
+struct Incoming {
+    driver: DestinationDriver,
+    socket: SocketHandle,
+    copy: IncomingVm,
+    started_us: u64,
+}
+
+/// The VM's MAC being announced at its new home.
+struct Announcement {
+    mac: [u8; 6],
+    schedule: AnnounceSchedule,
+}
+
+/// This node's migrations.
+pub struct Migrations {
+    node_name: String,
+    listener: Option<SocketHandle>,
+    outgoing: Option<Outgoing>,
+    incoming: Option<Incoming>,
+    announcements: Vec<Announcement>,
+    history: Vec<String>,
+}
+
+/// Why `migrate` refused to start.
+#[derive(Debug)]
+pub enum StartError {
+    Busy(String),
+    UnknownVm(String),
+    WrongState(String, String),
+    NoNetwork(String),
+    Connect(String),
+    Setup(String),
+}
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartError::Busy(vm) => write!(
+                f,
+                "a migration is already running (of {vm}); one at a time ('migrate status')"
+            ),
+            StartError::UnknownVm(vm) => {
+                write!(f, "no VM named '{vm}' on this node (see 'vm list')")
+            }
+            StartError::WrongState(vm, state) => write!(
+                f,
+                "VM '{vm}' is {state}: only a running or paused VM can be migrated"
+            ),
+            StartError::NoNetwork(why) => write!(f, "no cluster network: {why}"),
+            StartError::Connect(why) => write!(f, "cannot connect: {why}"),
+            StartError::Setup(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    clock::uptime_us()
+}
+
+/// This node's side of a hello.
+fn capabilities() -> Capabilities {
+    Capabilities::KNOWN
+}
+
+/// Megabytes (10^6) with one decimal.
+struct Mb(u64);
+
+impl core::fmt::Display for Mb {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let tenths = self.0 / 100_000;
+        write!(f, "{}.{} MB", tenths / 10, tenths % 10)
+    }
+}
+
+/// Bytes over microseconds as MB/s with one decimal.
+struct Rate {
+    bytes: u64,
+    us: u64,
+}
+
+impl core::fmt::Display for Rate {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let tenths = self.bytes * 10 / self.us.max(1);
+        write!(f, "{}.{} MB/s", tenths / 10, tenths % 10)
+    }
+}
+
+/// Milliseconds with one decimal from microseconds.
+struct Ms(u64);
+
+impl core::fmt::Display for Ms {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}.{} ms", self.0 / 1000, (self.0 % 1000) / 100)
+    }
+}
+
+impl Migrations {
+    pub fn new(node_name: &str) -> Migrations {
+        Migrations {
+            node_name: node_name.to_string(),
+            listener: None,
+            outgoing: None,
+            incoming: None,
+            announcements: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// The VM being sent or received, if any.
+    pub fn busy_with(&self) -> Option<&str> {
+        self.outgoing
+            .as_ref()
+            .map(|o| o.vm.as_str())
+            .or_else(|| self.incoming.as_ref().and_then(|i| i.copy.name.as_deref()))
+    }
+
+    /// Starts sending `vm` to `target` (`label` names it in messages).
+    pub fn start(
+        &mut self,
+        net: &mut Net,
+        vms: &mut VmTable,
+        vm: &str,
+        target: Ipv4,
+        label: &str,
+        cpu_vendor: CpuVendor,
+    ) -> Result<(), StartError> {
+        if let Some(busy) = self.busy_with() {
+            return Err(StartError::Busy(busy.to_string()));
+        }
+        let v = vms
+            .get(vm)
+            .map_err(|_| StartError::UnknownVm(vm.to_string()))?;
+        let was_running = match v.state {
+            VmState::Running => true,
+            VmState::Paused => false,
+            ref other => return Err(StartError::WrongState(vm.to_string(), other.to_string())),
+        };
+        let config = SourceConfig {
+            node_name: self.node_name.clone(),
+            capabilities: capabilities(),
+            cpu_vendor,
+            cpu_features: 0,
+            vm: VmConfig {
+                name: vm.to_string(),
+                mem_bytes: v.ram_bytes(),
+                vcpus: 1,
+                dirty_rate: v.spec.dirty_pages_per_sec,
+                mac: v.spec.mac,
+                disk_id: None,
+            },
+            policy: PolicyConfig::default(),
+            timeouts: Timeouts::default(),
+            batch_pages: BATCH_PAGES,
+        };
+        let source = Source::new(config).map_err(|e| StartError::Setup(format!("{e}")))?;
+        let Some(stack) = net.cluster_stack() else {
+            return Err(StartError::NoNetwork(net.missing_reason().to_string()));
+        };
+        let socket = stack
+            .tcp_connect(target, PORT)
+            .map_err(|e| StartError::Connect(format!("{e}")))?;
+        tune(stack.tcp_socket(socket));
+        let now = now_us();
+        let mut driver = SourceDriver::new(source);
+        driver.start(now);
+        if let Ok(v) = vms.get_mut(vm) {
+            v.migrating = true;
+        }
+        let heap = crate::mem::heap_stats();
+        log::info!(
+            "migration of {vm} to {label} ({target}) started (heap {} of {} KiB used)",
+            heap.used / 1024,
+            heap.size / 1024
+        );
+        self.outgoing = Some(Outgoing {
+            vm: vm.to_string(),
+            peer: label.to_string(),
+            driver,
+            socket,
+            was_running,
+            started_us: now,
+            in_doubt: false,
+            digest: None,
+        });
+        Ok(())
+    }
+
+    /// `migrate cancel <vm>`: aborts the outgoing migration of `vm` (before its commit).
+    pub fn cancel(&mut self, vms: &mut VmTable, vm: &str) -> Result<(), String> {
+        let Some(out) = self.outgoing.as_mut().filter(|o| o.vm == vm) else {
+            return Err(format!("no migration of '{vm}' is running on this node"));
+        };
+        if out.driver.source().state() == SourceState::AwaitCommitAck {
+            return Err(format!(
+                "the migration of '{vm}' is committing: too late to cancel"
+            ));
+        }
+        let actions = out.driver.cancel(now_us());
+        let mut lines = Vec::new();
+        source_actions(out, vms, actions, &mut lines);
+        Ok(())
+    }
+
+    /// `migrate resolve <vm> here|there`: the operator's answer for a migration in doubt.
+    pub fn resolve(&mut self, vms: &mut VmTable, vm: &str, there: bool) -> Result<(), String> {
+        let Some(out) = self.outgoing.as_mut().filter(|o| o.vm == vm && o.in_doubt) else {
+            return Err(format!("no migration of '{vm}' is in doubt on this node"));
+        };
+        let actions = out.driver.resolve_in_doubt(now_us(), there);
+        let mut lines = Vec::new();
+        source_actions(out, vms, actions, &mut lines);
+        Ok(())
+    }
+
+    /// One pass of migration work; returns lines for the console and whether there is more
+    /// to do right away (the loop should not halt).
+    pub fn poll(&mut self, net: &mut Net, vms: &mut VmTable) -> (Vec<String>, bool) {
+        let mut lines = Vec::new();
+        let mut busy = false;
+        self.ensure_listener(net);
+        self.accept(net, vms);
+        if let Some(out) = self.outgoing.as_mut() {
+            busy |= poll_outgoing(out, net, vms, &mut lines);
+            if out.driver.finished() && !out.in_doubt {
+                let out = self.outgoing.take().expect("checked above");
+                self.finish_outgoing(out, net, vms, &mut lines);
+            }
+        }
+        if let Some(inc) = self.incoming.as_mut() {
+            let mut announce = None;
+            busy |= poll_incoming(inc, net, vms, &mut lines, &mut announce);
+            if let Some(mac) = announce {
+                self.announcements.push(Announcement {
+                    mac,
+                    schedule: AnnounceSchedule::new(
+                        AnnounceParams::QEMU_DEFAULT,
+                        clock::uptime_ms(),
+                    ),
+                });
+            }
+            if inc.driver.finished() {
+                let inc = self.incoming.take().expect("checked above");
+                self.finish_incoming(inc, net, vms, &mut lines);
+            }
+        }
+        self.announce(net);
+        for line in &lines {
+            if line.starts_with("migration") {
+                self.history.push(line.clone());
+            }
+        }
+        let excess = self.history.len().saturating_sub(HISTORY);
+        self.history.drain(..excess);
+        (lines, busy)
+    }
+
+    fn ensure_listener(&mut self, net: &mut Net) {
+        if self.listener.is_some() || self.incoming.is_some() {
+            return;
+        }
+        let Some(stack) = net.cluster_stack() else {
+            return;
+        };
+        match stack.tcp_listen(PORT) {
+            Ok(handle) => {
+                tune(stack.tcp_socket(handle));
+                self.listener = Some(handle);
+            }
+            Err(e) => log::error!("migration listener: {e}"),
+        }
+    }
+
+    /// Turns a connected listener into the incoming migration (the next listener opens once
+    /// it ends: one incoming migration at a time, later connections are refused).
+    fn accept(&mut self, net: &mut Net, vms: &VmTable) {
+        let Some(handle) = self.listener else { return };
+        let Some(stack) = net.cluster_stack() else {
+            return;
+        };
+        let state = stack.tcp_socket(handle).state();
+        if matches!(state, State::Listen | State::SynReceived) {
+            return;
+        }
+        self.listener = None;
+        // A node without virtualization still answers, and refuses every VM in admission.
+        let vendor = vms.vendor().unwrap_or(CpuVendor::Amd);
+        let config = DestinationConfig {
+            node_name: self.node_name.clone(),
+            capabilities: capabilities(),
+            cpu_vendor: vendor,
+            cpu_features: 0,
+            timeouts: Timeouts::default(),
+        };
+        let now = now_us();
+        match Destination::new(config, now) {
+            Ok(dest) => {
+                let peer = stack
+                    .tcp_socket(handle)
+                    .remote_endpoint()
+                    .map(|e| format!("{}", e.addr))
+                    .unwrap_or_default();
+                log::info!("migration: incoming connection from {peer}");
+                self.incoming = Some(Incoming {
+                    driver: DestinationDriver::new(dest),
+                    socket: handle,
+                    copy: IncomingVm::new(),
+                    started_us: now,
+                });
+            }
+            Err(e) => {
+                log::error!("migration: cannot receive: {e:?}");
+                stack.tcp_release(handle);
+            }
+        }
+    }
+
+    fn finish_outgoing(
+        &mut self,
+        out: Outgoing,
+        net: &mut Net,
+        vms: &mut VmTable,
+        lines: &mut Vec<String>,
+    ) {
+        if let Some(stack) = net.cluster_stack() {
+            stack.tcp_release(out.socket);
+        }
+        if let Ok(vm) = vms.get_mut(&out.vm) {
+            vm.migrating = false;
+            vm.set_throttle(0);
+        }
+        let heap = crate::mem::heap_stats();
+        log::info!(
+            "migration of {} ended (heap {} of {} KiB used)",
+            out.vm,
+            heap.used / 1024,
+            heap.size / 1024
+        );
+        let source = out.driver.source();
+        let s = source.summary();
+        let total = s
+            .finished_us
+            .unwrap_or_else(now_us)
+            .saturating_sub(s.started_us);
+        match source.state() {
+            SourceState::Done => {
+                lines.push(format!(
+                    "migration of {} to {} completed: total {}, downtime {}, {} on the wire ({}), {} rounds, pages raw {} zero {} compressed {}",
+                    out.vm,
+                    out.peer,
+                    Ms(total),
+                    Ms(s.downtime_us().unwrap_or(0)),
+                    Mb(s.bytes_sent),
+                    Rate { bytes: s.bytes_sent, us: total },
+                    s.rounds,
+                    s.pages_raw,
+                    s.pages_zero,
+                    s.pages_compressed
+                ));
+                if let Some(digest) = out.digest {
+                    lines.push(format!(
+                        "vm {} now runs on {}; memory digest at switchover {digest:#018x}",
+                        out.vm, out.peer
+                    ));
+                }
+            }
+            _ => {
+                let why = source
+                    .failure()
+                    .map_or_else(|| String::from("unknown reason"), |f| format!("{f}"));
+                lines.push(format!(
+                    "migration of {} to {} failed after {}: {why}; {} stays on {} ({})",
+                    out.vm,
+                    out.peer,
+                    Ms(total),
+                    out.vm,
+                    self.node_name,
+                    vms.get(&out.vm)
+                        .map_or_else(|_| String::from("gone"), |v| v.state.to_string())
+                ));
+            }
+        }
+    }
+
+    fn finish_incoming(
+        &mut self,
+        inc: Incoming,
+        net: &mut Net,
+        vms: &mut VmTable,
+        lines: &mut Vec<String>,
+    ) {
+        if let Some(stack) = net.cluster_stack() {
+            stack.tcp_release(inc.socket);
+        }
+        let dest = inc.driver.destination();
+        let elapsed = now_us().saturating_sub(inc.started_us);
+        let name = inc
+            .copy
+            .name
+            .clone()
+            .unwrap_or_else(|| String::from("(none)"));
+        match dest.state() {
+            DestinationState::Done => lines.push(format!(
+                "incoming vm {name} arrived in {}: {} on {} ({} pages received, memory digest {:#018x})",
+                Ms(elapsed),
+                vms.get(&name).map_or_else(|_| String::from("gone"), |v| v.state.to_string()),
+                self.node_name,
+                dest.pages_received(),
+                inc.copy.digest.value()
+            )),
+            _ => {
+                let why = dest
+                    .failure()
+                    .map_or_else(|| String::from("connection ended"), |f| format!("{f}"));
+                lines.push(format!(
+                    "incoming migration of {name} failed: {why}; the copy was discarded"
+                ));
+            }
+        }
+    }
+
+    /// Sends the due announcement rounds of migrated VMs.
+    fn announce(&mut self, net: &mut Net) {
+        let now = clock::uptime_ms();
+        self.announcements.retain_mut(|a| {
+            if a.schedule.poll(now) && !net.send_cluster_frame(&rarp_announce(a.mac)) {
+                log::warn!("announce: transmit ring full, round lost");
+            }
+            !a.schedule.is_done()
+        });
+    }
+
+    /// `migrate status`.
+    pub fn status(&self, vms: &VmTable, out: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        match &self.outgoing {
+            Some(o) => status_line(o, vms, out)?,
+            None => writeln!(out, "no outgoing migration")?,
+        }
+        match &self.incoming {
+            Some(i) => writeln!(
+                out,
+                "incoming: {} ({:?}), {} pages received",
+                i.copy.name.as_deref().unwrap_or("(handshake)"),
+                i.driver.destination().state(),
+                i.driver.destination().pages_received()
+            )?,
+            None => writeln!(out, "no incoming migration")?,
+        }
+        for line in &self.history {
+            writeln!(out, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Socket settings of migration connections: a lost peer is noticed within [`TCP_TIMEOUT`].
+fn tune(socket: &mut ::net::smoltcp::socket::tcp::Socket<'static>) {
+    socket.set_timeout(Some(TCP_TIMEOUT));
+    socket.set_keep_alive(Some(TCP_KEEP_ALIVE));
+}
+
+fn status_line(o: &Outgoing, vms: &VmTable, out: &mut dyn core::fmt::Write) -> core::fmt::Result {
+    let source = o.driver.source();
+    let s = source.summary();
+    let elapsed = now_us().saturating_sub(o.started_us);
+    let (done, total) = source.round_progress();
+    let percent = (done * 100).checked_div(total).unwrap_or(100);
+    let bar: String = (0..20)
+        .map(|i| if i * 5 < percent { '#' } else { '.' })
+        .collect();
+    let policy = source.policy();
+    write!(
+        out,
+        "{} -> {}: {:?}, round {} [{bar}] {percent}% of {} pages, {} sent, {}",
+        o.vm,
+        o.peer,
+        source.state(),
+        source.round(),
+        total,
+        Mb(s.bytes_sent),
+        Rate {
+            bytes: s.bytes_sent,
+            us: elapsed
+        }
+    )?;
+    if let Some(rate) = source.dirty_rate() {
+        write!(out, ", dirty {rate} pages/s")?;
+    }
+    if let Some(us) = policy.expected_downtime_us(source.dirty_pending()) {
+        write!(out, ", expected downtime {}", Ms(us))?;
+    }
+    let throttle = vms.get(&o.vm).map_or(0, |v| v.throttle_percent());
+    writeln!(out, ", throttle {throttle}%")?;
+    if o.in_doubt {
+        writeln!(
+            out,
+            "  IN DOUBT: the commit was sent but not acknowledged; {} stays paused here. \
+             Check {} and run 'migrate resolve {} here' (it does not run there) or \
+             'migrate resolve {} there' (it runs there).",
+            o.vm, o.peer, o.vm, o.vm
+        )?;
+    }
+    Ok(())
+}
+
+/// One pass of the outgoing migration. True if it has more to do right away.
+fn poll_outgoing(
+    out: &mut Outgoing,
+    net: &mut Net,
+    vms: &mut VmTable,
+    lines: &mut Vec<String>,
+) -> bool {
+    let Some(stack) = net.cluster_stack() else {
+        let actions = out.driver.cancel(now_us());
+        source_actions(out, vms, actions, lines);
+        return false;
+    };
+    let now = now_us();
+    let mut pipe = SocketPipe(stack.tcp_socket(out.socket));
+    let actions = {
+        let mut guest = SourceVm {
+            vms,
+            name: &out.vm,
+            was_running: out.was_running,
+        };
+        out.driver.step(now, &mut pipe, &mut guest)
+    };
+    source_actions(out, vms, actions, lines);
+    let actions = out.driver.flush(now_us(), &mut pipe);
+    source_actions(out, vms, actions, lines);
+    out.driver.link().queued() > 0
+        || matches!(
+            out.driver.source().state(),
+            SourceState::PreCopy | SourceState::FinalCopy
+        )
+}
+
+/// Carries out what the source asked for.
+fn source_actions(
+    out: &mut Outgoing,
+    vms: &mut VmTable,
+    actions: Vec<SourceAction>,
+    lines: &mut Vec<String>,
+) {
+    let mut queue = actions;
+    while !queue.is_empty() {
+        let mut next = Vec::new();
+        for action in queue {
+            match action {
+                SourceAction::SetThrottle(percent) => {
+                    if let Ok(vm) = vms.get_mut(&out.vm) {
+                        vm.set_throttle(percent);
+                    }
+                    log::info!("migration of {}: throttle {percent}%", out.vm);
+                }
+                SourceAction::PauseVm => {
+                    if out.was_running {
+                        if let Err(e) = vms.pause(&out.vm) {
+                            log::error!("migration of {}: pause: {e}", out.vm);
+                        }
+                    }
+                    let mut guest = SourceVm {
+                        vms,
+                        name: &out.vm,
+                        was_running: out.was_running,
+                    };
+                    next.extend(out.driver.on_paused(now_us(), &mut guest));
+                }
+                SourceAction::ResumeVm => {
+                    if out.was_running {
+                        if let Err(e) = vms.resume(&out.vm) {
+                            log::error!("migration of {}: resume: {e}", out.vm);
+                        }
+                    }
+                    if let Ok(vm) = vms.get_mut(&out.vm) {
+                        vm.migrating = false;
+                    }
+                    out.in_doubt = false;
+                }
+                SourceAction::DestroyVm => {
+                    // The copy here is frozen at the pause: its digest is what the destination
+                    // must hold.
+                    out.digest = vms.get(&out.vm).ok().map(digest_of);
+                    if let Err(e) = vms.destroy(&out.vm) {
+                        log::error!("migration of {}: destroy: {e}", out.vm);
+                    }
+                    out.in_doubt = false;
+                }
+                SourceAction::ResolveInDoubt => {
+                    out.in_doubt = true;
+                    lines.push(format!(
+                        "migration of {} to {} is IN DOUBT: the commit was sent, no acknowledgement came; {} stays paused here (see 'migrate status')",
+                        out.vm, out.peer, out.vm
+                    ));
+                }
+            }
+        }
+        queue = next;
+    }
+}
+
+/// The digest of all of a VM's memory (see `migrate::digest`).
+fn digest_of(vm: &crate::vm::Vm) -> u64 {
+    let mut digest = MemoryDigest::zeroed(0);
+    let mut page = [0u8; PAGE_SIZE];
+    for index in 0..vm.page_count() {
+        if vm.read_page(index, &mut page) {
+            digest.add(index, &page);
+        }
+    }
+    digest.value()
+}
+
+/// One pass of the incoming migration. True if it has more to do right away.
+fn poll_incoming(
+    inc: &mut Incoming,
+    net: &mut Net,
+    vms: &mut VmTable,
+    lines: &mut Vec<String>,
+    announce: &mut Option<[u8; 6]>,
+) -> bool {
+    let Some(stack) = net.cluster_stack() else {
+        return false;
+    };
+    let now = now_us();
+    let mut pipe = SocketPipe(stack.tcp_socket(inc.socket));
+    let actions = {
+        let mut host = DestinationNode {
+            vms,
+            copy: &mut inc.copy,
+        };
+        inc.driver.step(now, &mut pipe, &mut host)
+    };
+    destination_actions(inc, vms, actions, lines, announce);
+    let actions = inc.driver.flush(now_us(), &mut pipe);
+    destination_actions(inc, vms, actions, lines, announce);
+    inc.driver.link().queued() > 0
+}
+
+/// Carries out what the destination asked for.
+fn destination_actions(
+    inc: &mut Incoming,
+    vms: &mut VmTable,
+    actions: Vec<DestinationAction>,
+    lines: &mut Vec<String>,
+    announce: &mut Option<[u8; 6]>,
+) {
+    for action in actions {
+        match action {
+            DestinationAction::ResumeVm => {
+                let Some(name) = inc.copy.name.clone() else {
+                    continue;
+                };
+                let clock = inc.copy.clock.unwrap_or_else(|| {
+                    log::warn!("migration of {name}: no clock state came; guest time restarts");
+                    crate::vm::ClockState {
+                        guest_tsc: 0,
+                        tsc_hz: clock::tsc_hz(),
+                        running: true,
+                    }
+                });
+                if let Ok(vm) = vms.get_mut(&name) {
+                    vm.finish_incoming(clock);
+                }
+            }
+            DestinationAction::DiscardCopy => {
+                if let Some(name) = inc.copy.name.as_deref() {
+                    if let Err(e) = vms.destroy(name) {
+                        log::error!("migration: discarding {name}: {e}");
+                    }
+                    lines.push(format!("incoming copy of {name} discarded"));
+                }
+            }
+            DestinationAction::AnnounceMac(mac) => *announce = Some(mac),
+        }
+    }
+}

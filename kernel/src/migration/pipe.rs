@@ -1,0 +1,47 @@
+//! A smoltcp TCP socket as the migration's non-blocking [`Pipe`].
+
+use ::net::smoltcp::socket::tcp::{Socket, State};
+use migrate::link::{Pipe, PipeError};
+
+/// Borrows a connection's socket for one step of the migration loop.
+pub struct SocketPipe<'a>(pub &'a mut Socket<'static>);
+
+/// Whether the connection is still being set up (nothing to send or receive yet, not an error).
+fn opening(state: State) -> bool {
+    matches!(state, State::Listen | State::SynSent | State::SynReceived)
+}
+
+/// Why a socket can no longer carry data. smoltcp shows a reset, a retransmission timeout and
+/// a keep-alive timeout all as `Closed`: the connection was lost, not ended in order.
+fn ended(state: State) -> PipeError {
+    if state == State::Closed {
+        PipeError::Reset
+    } else {
+        PipeError::Closed
+    }
+}
+
+impl Pipe for SocketPipe<'_> {
+    fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
+        let state = self.0.state();
+        if opening(state) {
+            return Ok(0);
+        }
+        if !self.0.may_send() {
+            return Err(ended(state));
+        }
+        self.0.send_slice(data).map_err(|_| PipeError::Other)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
+        if self.0.can_recv() {
+            return self.0.recv_slice(buf).map_err(|_| PipeError::Other);
+        }
+        let state = self.0.state();
+        if opening(state) || self.0.may_recv() {
+            Ok(0)
+        } else {
+            Err(ended(state))
+        }
+    }
+}

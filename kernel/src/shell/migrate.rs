@@ -1,0 +1,82 @@
+//! The `migrate` console command: start, watch, cancel and resolve live migrations.
+//!
+//! `migrate <vm> <node>` returns at once; the migration runs in the console loop and prints a
+//! summary line when it ends. A VM named `status`, `cancel` or `resolve` cannot be migrated with
+//! the short form (rename it): the subcommands take precedence.
+
+use alloc::format;
+use alloc::string::ToString;
+use core::fmt::Write;
+
+use kernel::console::shell::CommandError;
+
+use super::Node;
+
+type Result = core::result::Result<(), CommandError>;
+
+pub const MIGRATE_USAGE: &str =
+    "<vm> <node|address> | status | cancel <vm> | resolve <vm> here|there";
+
+fn out_err(_: core::fmt::Error) -> CommandError {
+    CommandError::Failed("console write failed".into())
+}
+
+pub fn migrate(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
+    match args {
+        ["status"] => node.migrations.status(&node.vms, out).map_err(out_err),
+        ["cancel", vm] => {
+            node.migrations
+                .cancel(&mut node.vms, vm)
+                .map_err(CommandError::Failed)?;
+            writeln!(out, "migration of {vm} cancelled").map_err(out_err)
+        }
+        ["resolve", vm, side @ ("here" | "there")] => {
+            node.migrations
+                .resolve(&mut node.vms, vm, *side == "there")
+                .map_err(CommandError::Failed)?;
+            writeln!(out, "migration of {vm} resolved: the VM runs {side}").map_err(out_err)
+        }
+        ["resolve", _, side] => Err(CommandError::BadArguments(format!(
+            "resolve takes 'here' or 'there', not '{}'",
+            super::net::shorten(side)
+        ))),
+        [vm, target] => {
+            if node.vms.get(vm).is_err() {
+                return Err(CommandError::Failed(format!(
+                    "no VM named '{}' on this node (see 'vm list')",
+                    super::net::shorten(vm)
+                )));
+            }
+            let (ip, label) = super::net::resolve(node, target)?;
+            let own = node.config.cluster_addr.map(|a| a.addr);
+            if *target == node.config.name || own == Some(ip) {
+                return Err(CommandError::Failed(format!(
+                    "{vm} already runs on this node ({})",
+                    node.config.name
+                )));
+            }
+            let label = node
+                .config
+                .peer_name(ip)
+                .map_or(label, |name| name.to_string());
+            let Some(vendor) = node.vms.vendor() else {
+                return Err(CommandError::Failed(
+                    "this node cannot run VMs (no SVM or VMX)".into(),
+                ));
+            };
+            node.migrations
+                .start(&mut node.net, &mut node.vms, vm, ip, &label, vendor)
+                .map_err(|e| CommandError::Failed(e.to_string()))?;
+            writeln!(
+                out,
+                "migrating {vm} to {label} ({ip}); 'migrate status' shows progress"
+            )
+            .map_err(out_err)
+        }
+        [] => Err(CommandError::BadArguments("missing VM and node".into())),
+        _ => Err(CommandError::BadArguments(format!(
+            "unknown form 'migrate {}'",
+            super::net::shorten(&args.join(" "))
+        ))),
+    }
+}

@@ -1,0 +1,120 @@
+//! What a migration reads from a VM on the source and writes into its copy on the destination:
+//! pages, the dirty log, the vCPU state and the device state (the serial port and the guest's
+//! clock).
+//! Guest time across a move: see `kernel::guest_clock`.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use kernel::frames::FRAME_SIZE;
+use vmx::devices::uart::Uart16550;
+use vmx::state::VcpuState;
+
+use super::{Vm, VmState};
+use crate::clock;
+pub use kernel::guest_clock::ClockState;
+
+/// Device ids of the device-state messages (opaque to the protocol).
+pub const DEVICE_COM1: u32 = 1;
+pub const DEVICE_CLOCK: u32 = 2;
+
+impl Vm {
+    /// Guest pages.
+    pub fn page_count(&self) -> u64 {
+        self.ram.size() / FRAME_SIZE
+    }
+
+    /// Copies guest page `page` into `out`; false past the end of RAM.
+    pub fn read_page(&self, page: u64, out: &mut [u8; 4096]) -> bool {
+        page.checked_mul(FRAME_SIZE)
+            .is_some_and(|gpa| self.ram.read(gpa, out))
+    }
+
+    /// Overwrites guest page `page`; false past the end of RAM.
+    pub fn write_page(&mut self, page: u64, data: &[u8; 4096]) -> bool {
+        page.checked_mul(FRAME_SIZE)
+            .is_some_and(|gpa| self.ram.write(gpa, data))
+    }
+
+    /// Pages written since the previous harvest, ascending; clears the log.
+    pub fn harvest_dirty_pages(&mut self) -> Result<Vec<u64>, String> {
+        Ok(self.dirty_harvest()?.iter().collect())
+    }
+
+    /// The vCPU's state, encoded (vmx `VcpuState::encode`).
+    pub fn save_vcpu(&self) -> Result<Vec<u8>, String> {
+        let state = self
+            .vcpu
+            .save_state()
+            .map_err(|e| format!("saving the vCPU: {e:?}"))?;
+        let mut out = Vec::new();
+        state.encode(&mut out);
+        Ok(out)
+    }
+
+    /// Loads an encoded vCPU state (from another host: every field is checked by the decoder
+    /// and the backend).
+    pub fn load_vcpu(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let state = VcpuState::decode(bytes).map_err(|e| format!("vCPU state: {e:?}"))?;
+        self.vcpu
+            .load_state(&state)
+            .map_err(|e| format!("loading the vCPU state: {e:?}"))
+    }
+
+    /// The device models' state as (device id, bytes). Called with the VM paused; `running`
+    /// says whether it ran before the migration paused it.
+    pub fn save_devices(&self, running: bool) -> Vec<(u32, Vec<u8>)> {
+        let mut com1 = Vec::new();
+        self.uart.save(&mut com1);
+        let now = self.paused_at_tsc.unwrap_or_else(clock::rdtsc);
+        let clock = ClockState {
+            guest_tsc: now.wrapping_add_signed(self.tsc_offset),
+            tsc_hz: clock::tsc_hz(),
+            running,
+        };
+        alloc::vec![(DEVICE_COM1, com1), (DEVICE_CLOCK, clock.encode())]
+    }
+
+    /// Loads one device model's state; the clock state is returned for [`Vm::finish_incoming`].
+    pub fn load_device(&mut self, device: u32, bytes: &[u8]) -> Result<Option<ClockState>, String> {
+        match device {
+            DEVICE_COM1 => {
+                self.uart = Uart16550::restore(bytes).map_err(|e| format!("COM1 state: {e:?}"))?;
+                Ok(None)
+            }
+            DEVICE_CLOCK => ClockState::decode(bytes).map(Some).map_err(String::from),
+            other => Err(format!("unknown device {other}")),
+        }
+    }
+
+    /// Ends an incoming migration: the guest TSC continues from where the source paused it,
+    /// and the VM runs if it ran on the source (otherwise it stays paused).
+    pub fn finish_incoming(&mut self, clock: ClockState) {
+        let now = clock::rdtsc();
+        self.tsc_offset = clock.guest_tsc.wrapping_sub(now) as i64;
+        self.vcpu.set_tsc_offset(self.tsc_offset);
+        self.migrating = false;
+        self.halted_at = None;
+        self.exits.reset();
+        self.started_ms = clock::uptime_ms();
+        if clock.running {
+            self.paused_at_tsc = None;
+            self.state = VmState::Running;
+        } else {
+            self.paused_at_tsc = Some(now);
+            self.state = VmState::Paused;
+        }
+    }
+
+    /// Sets the auto-converge throttle (0 lifts it).
+    pub fn set_throttle(&mut self, percent: u8) {
+        self.throttle.percent = percent.min(99);
+        self.throttle.credit = 0;
+    }
+
+    /// The auto-converge throttle in percent.
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle.percent
+    }
+}

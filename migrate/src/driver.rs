@@ -1,0 +1,1246 @@
+//! The source and destination machines driven over a [`FrameLink`], one non-blocking step at a
+//! time.
+//!
+//! The kernel's loop calls, for each migration: `step` (receive, feed the machine, tick), then
+//! performs the returned actions in order (and calls [`SourceDriver::on_paused`] after pausing),
+//! then `flush`. Sending only in `flush` is what orders the wire after the actions: the
+//! destination's `CommitAck` is queued in the same step as its `ResumeVm`, and reaches the source
+//! only after the VM runs here, so the source never destroys its copy before the other one runs.
+//!
+//! Backpressure: the source produces page batches only while the link's outbound queue is below
+//! [`DriverLimits::outbound_high_water`], and at most [`DriverLimits::ticks_per_step`] per step,
+//! so a slow link bounds memory and one step stays short. A round also ends only once its batches
+//! left the queue, so the policy measures the link's bandwidth and not how fast a buffer fills.
+//!
+//! Failures: a pipe error, an undecodable stream, or a pipe that takes nothing for
+//! [`DriverLimits::stall_timeout_us`] becomes an abort of the machine, which decides what it means
+//! in its state (resume the VM, discard the copy, ask about an in-doubt commit, or nothing once
+//! done). After a pipe error nothing more is sent or received: the connection is gone.
+
+use alloc::format;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::destination::{Destination, DestinationAction, DestinationHost, DestinationState};
+use crate::link::{FrameLink, Pipe, PipeError};
+use crate::machine::Output;
+use crate::message::{AbortReason, Message, MessageError};
+use crate::source::{Source, SourceAction, SourceGuest, SourceState};
+
+/// The bounds a driver works within. [`Default`] gives the values for a real link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverLimits {
+    /// The source makes no new page batch while this many bytes wait in the outbound queue.
+    /// 256 KiB keeps a TCP send buffer fed between steps, and is what the final pause may have
+    /// to drain on top of the last pages (about 2 ms at 1 Gbit/s).
+    pub outbound_high_water: usize,
+    /// Most source ticks (each at most one page batch) per step, so the caller's loop gets back
+    /// to its VMs even when the link takes everything (a zero-page batch is tiny on the wire but
+    /// still reads every page).
+    pub ticks_per_step: u32,
+    /// How long queued bytes may wait while the pipe takes none of them before the connection
+    /// counts as failed. The machines' deadlines cover waiting for the peer, but pre-copy has no
+    /// deadline (the source is the one talking), and a TCP peer that stops reading leaves a zero
+    /// window that no retransmission timer ends.
+    pub stall_timeout_us: u64,
+}
+
+impl Default for DriverLimits {
+    fn default() -> Self {
+        Self {
+            outbound_high_water: 256 * 1024,
+            ticks_per_step: 8,
+            stall_timeout_us: 30_000_000,
+        }
+    }
+}
+
+/// Why a driver's connection is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportFailure {
+    /// The pipe reported an error.
+    Pipe(PipeError),
+    /// The pipe took no byte for this many microseconds while bytes were waiting.
+    Stalled { us: u64 },
+}
+
+impl fmt::Display for TransportFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportFailure::Pipe(e) => write!(f, "{e}"),
+            TransportFailure::Stalled { us } => {
+                write!(f, "the connection took no data for {} ms", us / 1000)
+            }
+        }
+    }
+}
+
+impl core::error::Error for TransportFailure {}
+
+/// The link plus what both drivers track about the connection under it.
+#[derive(Debug)]
+struct Connection {
+    link: FrameLink,
+    limits: DriverLimits,
+    broken: Option<TransportFailure>,
+    /// Set once an undecodable stream was reported, so it is reported once.
+    stream_failed: bool,
+    /// When a flush last found bytes waiting and the pipe taking none of them.
+    stalled_since: Option<u64>,
+}
+
+impl Connection {
+    fn new(limits: DriverLimits) -> Self {
+        Self {
+            link: FrameLink::new(),
+            limits,
+            broken: None,
+            stream_failed: false,
+            stalled_since: None,
+        }
+    }
+
+    /// Pulls what is waiting; a pipe error breaks the connection and is returned once.
+    fn receive(&mut self, pipe: &mut impl Pipe) -> Option<TransportFailure> {
+        if self.broken.is_some() {
+            return None;
+        }
+        let error = TransportFailure::Pipe(self.link.receive(pipe).err()?);
+        self.broken = Some(error);
+        Some(error)
+    }
+
+    /// The next decoded message, or the text of a stream error (returned once).
+    fn next_message(&mut self) -> Result<Option<Message>, alloc::string::String> {
+        if self.stream_failed {
+            return Ok(None);
+        }
+        self.link.next_message().map_err(|e| {
+            self.stream_failed = true;
+            format!("undecodable stream from the peer: {e}")
+        })
+    }
+
+    /// Queues a message unless the connection is gone (then there is nowhere to send it).
+    fn queue(&mut self, message: &Message) -> Result<(), MessageError> {
+        if self.broken.is_some() {
+            return Ok(());
+        }
+        self.link.queue(message)
+    }
+
+    /// Sends what the pipe takes; a pipe error or a stall breaks the connection and is returned.
+    fn flush(&mut self, now: u64, pipe: &mut impl Pipe) -> Option<TransportFailure> {
+        if self.broken.is_some() {
+            return None;
+        }
+        let before = self.link.bytes_sent();
+        if let Err(e) = self.link.flush(pipe) {
+            self.broken = Some(TransportFailure::Pipe(e));
+            return self.broken;
+        }
+        if self.link.queued() == 0 || self.link.bytes_sent() != before {
+            self.stalled_since = None;
+            return None;
+        }
+        let since = *self.stalled_since.get_or_insert(now);
+        let us = now.saturating_sub(since);
+        if us >= self.limits.stall_timeout_us {
+            self.broken = Some(TransportFailure::Stalled { us });
+            return self.broken;
+        }
+        None
+    }
+
+    /// Nothing is left to send, or sending is hopeless.
+    fn drained(&self) -> bool {
+        self.broken.is_some() || self.link.queued() == 0
+    }
+}
+
+/// A [`Source`] over a link.
+#[derive(Debug)]
+pub struct SourceDriver {
+    source: Source,
+    conn: Connection,
+    /// Actions produced and not yet returned (e.g. by `start`, which returns none).
+    actions: Vec<SourceAction>,
+}
+
+impl SourceDriver {
+    /// A driver with [`DriverLimits::default`].
+    pub fn new(source: Source) -> Self {
+        Self::with_limits(source, DriverLimits::default())
+    }
+
+    /// A driver with other limits (tests use small ones so backpressure shows on small VMs).
+    pub fn with_limits(source: Source, limits: DriverLimits) -> Self {
+        Self {
+            source,
+            conn: Connection::new(limits),
+            actions: Vec::new(),
+        }
+    }
+
+    /// Opens the migration: queues the hello (sent by the next [`flush`](Self::flush)).
+    pub fn start(&mut self, now: u64) {
+        self.source.start(now);
+        self.drain(now);
+    }
+
+    /// One non-blocking step: receives and handles what is waiting, fires deadlines, and during
+    /// pre-copy queues page batches within the limits. Sends nothing (see [`flush`](Self::flush)).
+    /// Returns the actions to perform, in order.
+    pub fn step(
+        &mut self,
+        now: u64,
+        pipe: &mut impl Pipe,
+        guest: &mut impl SourceGuest,
+    ) -> Vec<SourceAction> {
+        let pipe_failure = self.conn.receive(pipe);
+        // Messages that arrived before a pipe error count: a CommitAck followed by a close is a
+        // completed migration, not a failed one.
+        loop {
+            match self.conn.next_message() {
+                Ok(Some(message)) => {
+                    self.source.on_message(now, message, guest);
+                    self.drain(now);
+                }
+                Ok(None) => break,
+                Err(text) => {
+                    self.source.fail(now, AbortReason::ProtocolError, &text);
+                    self.drain(now);
+                    break;
+                }
+            }
+        }
+        if let Some(failure) = pipe_failure {
+            self.transport_failed(now, failure);
+        }
+        self.tick(now, guest);
+        core::mem::take(&mut self.actions)
+    }
+
+    /// Sends what is queued. A pipe error or stall fails the source; returns its actions.
+    pub fn flush(&mut self, now: u64, pipe: &mut impl Pipe) -> Vec<SourceAction> {
+        if let Some(failure) = self.conn.flush(now, pipe) {
+            self.transport_failed(now, failure);
+        }
+        core::mem::take(&mut self.actions)
+    }
+
+    /// The VM paused as asked by [`SourceAction::PauseVm`]: queues the final pages and state.
+    pub fn on_paused(&mut self, now: u64, guest: &mut impl SourceGuest) -> Vec<SourceAction> {
+        self.source.on_paused(now, guest);
+        self.drain(now);
+        core::mem::take(&mut self.actions)
+    }
+
+    /// `migrate cancel`.
+    pub fn cancel(&mut self, now: u64) -> Vec<SourceAction> {
+        self.source.cancel(now);
+        self.drain(now);
+        core::mem::take(&mut self.actions)
+    }
+
+    /// The answer to [`SourceAction::ResolveInDoubt`].
+    pub fn resolve_in_doubt(&mut self, now: u64, destination_committed: bool) -> Vec<SourceAction> {
+        self.source.resolve_in_doubt(now, destination_committed);
+        self.drain(now);
+        core::mem::take(&mut self.actions)
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    pub fn link(&self) -> &FrameLink {
+        &self.conn.link
+    }
+
+    pub fn limits(&self) -> DriverLimits {
+        self.conn.limits
+    }
+
+    /// Why the connection is gone, if it is: the caller may close its socket.
+    pub fn transport_failure(&self) -> Option<TransportFailure> {
+        self.conn.broken
+    }
+
+    /// True once the machine is Done or Failed and nothing is left to send (or sending is
+    /// hopeless). An in-doubt source is not finished: it waits for `resolve_in_doubt`.
+    pub fn finished(&self) -> bool {
+        matches!(self.source.state(), SourceState::Done | SourceState::Failed)
+            && self.conn.drained()
+    }
+
+    fn transport_failed(&mut self, now: u64, failure: TransportFailure) {
+        let text = format!("{failure}");
+        self.source.fail(now, AbortReason::TransportError, &text);
+        self.drain(now);
+    }
+
+    fn tick(&mut self, now: u64, guest: &mut impl SourceGuest) {
+        let limits = self.conn.limits;
+        let copying = |state| matches!(state, SourceState::PreCopy | SourceState::FinalCopy);
+        for _ in 0..limits.ticks_per_step.max(1) {
+            let state = self.source.state();
+            if copying(state) {
+                let queued = self.conn.link.queued();
+                // Copying has no deadline to miss, so not ticking only delays the next batch.
+                // A pre-copy round ends once its pages left, so the policy measures the link.
+                let round_ends_next =
+                    state == SourceState::PreCopy && self.source.round_pages_left() == 0;
+                if queued >= limits.outbound_high_water || (round_ends_next && queued > 0) {
+                    break;
+                }
+            }
+            self.source.on_tick(now, guest);
+            self.drain(now);
+            if !copying(self.source.state()) {
+                break;
+            }
+        }
+    }
+
+    /// Moves the machine's outputs to the link (messages) and the action list.
+    fn drain(&mut self, now: u64) {
+        while let Some(output) = self.source.poll_output() {
+            match output {
+                Output::Send(message) => {
+                    if let Err(e) = self.conn.queue(&message) {
+                        // The machine checks what it sends; this is a bug or a state blob that
+                        // slipped through. The abort it causes always encodes.
+                        let text = format!("cannot send {:?}: {e}", message.kind());
+                        self.source.fail(now, AbortReason::LocalFailure, &text);
+                    }
+                }
+                Output::Do(action) => self.actions.push(action),
+            }
+        }
+    }
+}
+
+/// A [`Destination`] over a link.
+#[derive(Debug)]
+pub struct DestinationDriver {
+    destination: Destination,
+    conn: Connection,
+    actions: Vec<DestinationAction>,
+}
+
+impl DestinationDriver {
+    /// A driver with [`DriverLimits::default`].
+    pub fn new(destination: Destination) -> Self {
+        Self::with_limits(destination, DriverLimits::default())
+    }
+
+    /// A driver with other limits (only `stall_timeout_us` matters on this side).
+    pub fn with_limits(destination: Destination, limits: DriverLimits) -> Self {
+        Self {
+            destination,
+            conn: Connection::new(limits),
+            actions: Vec::new(),
+        }
+    }
+
+    /// One non-blocking step: receives (at most [`crate::link::RECEIVE_BUDGET`] bytes, which
+    /// bounds the page writes of one step) and handles what arrived, then fires deadlines.
+    /// Sends nothing (see [`flush`](Self::flush)). Returns the actions to perform, in order.
+    pub fn step(
+        &mut self,
+        now: u64,
+        pipe: &mut impl Pipe,
+        host: &mut impl DestinationHost,
+    ) -> Vec<DestinationAction> {
+        let pipe_failure = self.conn.receive(pipe);
+        loop {
+            match self.conn.next_message() {
+                Ok(Some(message)) => {
+                    self.destination.on_message(now, message, host);
+                    self.drain();
+                }
+                Ok(None) => break,
+                Err(text) => {
+                    self.destination.fail(AbortReason::ProtocolError, &text);
+                    self.drain();
+                    break;
+                }
+            }
+        }
+        if let Some(failure) = pipe_failure {
+            self.transport_failed(failure);
+        }
+        self.destination.on_tick(now);
+        self.drain();
+        core::mem::take(&mut self.actions)
+    }
+
+    /// Sends what is queued. A pipe error or stall fails the destination (which, once done,
+    /// ignores it: the VM is ours); returns its actions.
+    pub fn flush(&mut self, now: u64, pipe: &mut impl Pipe) -> Vec<DestinationAction> {
+        if let Some(failure) = self.conn.flush(now, pipe) {
+            self.transport_failed(failure);
+        }
+        core::mem::take(&mut self.actions)
+    }
+
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+
+    pub fn link(&self) -> &FrameLink {
+        &self.conn.link
+    }
+
+    pub fn limits(&self) -> DriverLimits {
+        self.conn.limits
+    }
+
+    /// Why the connection is gone, if it is: the caller may close its socket.
+    pub fn transport_failure(&self) -> Option<TransportFailure> {
+        self.conn.broken
+    }
+
+    /// True once the machine is Done or Failed and nothing is left to send (or sending is
+    /// hopeless).
+    pub fn finished(&self) -> bool {
+        matches!(
+            self.destination.state(),
+            DestinationState::Done | DestinationState::Failed
+        ) && self.conn.drained()
+    }
+
+    fn transport_failed(&mut self, failure: TransportFailure) {
+        let text = format!("{failure}");
+        self.destination.fail(AbortReason::TransportError, &text);
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.destination.poll_output() {
+            match output {
+                Output::Send(message) => {
+                    if let Err(e) = self.conn.queue(&message) {
+                        let text = format!("cannot send {:?}: {e}", message.kind());
+                        self.destination.fail(AbortReason::LocalFailure, &text);
+                    }
+                }
+                Output::Do(action) => self.actions.push(action),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both drivers over an in-memory network that carries a few thousand bytes per direction per
+    //! step, with a guest that keeps writing, and failures injected at every step. The invariant
+    //! is the one of `end_to_end_tests`: either the migration committed and the destination's
+    //! memory (and digest) equals the source's, or the source VM runs on untouched and the
+    //! destination discarded its copy.
+
+    use super::*;
+    use crate::destination::DestinationConfig;
+    use crate::digest::{content_hash, MemoryDigest, ZERO_PAGE_CONTENT_HASH};
+    use crate::machine::{Failure, GuestError, Timeouts};
+    use crate::message::{Capabilities, CpuVendor, Hello, RefuseReason, VmConfig, PAGE_SIZE};
+    use crate::policy::PolicyConfig;
+    use crate::source::SourceConfig;
+    use alloc::boxed::Box;
+    use alloc::collections::VecDeque;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    const PAGES: usize = 64;
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+    const TICK_US: u64 = 1000;
+    /// Bytes each direction carries per step: a raw page and a half, so a full copy takes tens
+    /// of steps and the outbound queue fills.
+    const CAPACITY: usize = 3000;
+    const MAX_STEPS: u64 = 5000;
+    const BATCH_PAGES: usize = 4;
+
+    fn limits() -> DriverLimits {
+        DriverLimits {
+            outbound_high_water: 8 * 1024,
+            ticks_per_step: 4,
+            stall_timeout_us: 40 * TICK_US,
+        }
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, bound: u64) -> u64 {
+            self.next_u64() % bound.max(1)
+        }
+    }
+
+    type Page = Box<[u8; PAGE_SIZE]>;
+
+    fn vcpu_blob() -> Vec<u8> {
+        let mut v = b"VCPU".to_vec();
+        v.extend_from_slice(&[1, 0, 0, 0]);
+        v.extend_from_slice(&4u32.to_le_bytes());
+        v.extend_from_slice(&[9, 8, 7, 6]);
+        v
+    }
+
+    struct FakeGuest {
+        pages: Vec<Page>,
+        /// What the guest itself wrote: the source's memory must always equal it.
+        expected: Vec<Page>,
+        dirty: Vec<bool>,
+        paused: bool,
+        throttle: u8,
+        destroyed: bool,
+        writes_per_step: u64,
+    }
+
+    impl FakeGuest {
+        fn new(rng: &mut Rng, writes_per_step: u64) -> Self {
+            let pages: Vec<Page> = (0..PAGES)
+                .map(|_| {
+                    let mut page: Page = Box::new([0; PAGE_SIZE]);
+                    match rng.below(3) {
+                        0 => {}
+                        1 => page.fill(rng.next_u64() as u8),
+                        _ => page
+                            .chunks_mut(8)
+                            .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes())),
+                    }
+                    page
+                })
+                .collect();
+            Self {
+                expected: pages.clone(),
+                pages,
+                dirty: vec![false; PAGES],
+                paused: false,
+                throttle: 0,
+                destroyed: false,
+                writes_per_step,
+            }
+        }
+
+        fn running(&self) -> bool {
+            !self.paused && !self.destroyed
+        }
+
+        fn run_slice(&mut self, rng: &mut Rng) {
+            if !self.running() {
+                return;
+            }
+            let writes = rng.below(self.writes_per_step + 1) * u64::from(100 - self.throttle) / 100;
+            for _ in 0..writes {
+                let page = rng.below(PAGES as u64) as usize;
+                let offset = rng.below(PAGE_SIZE as u64) as usize;
+                let value = rng.next_u64() as u8;
+                self.pages[page][offset] = value;
+                self.expected[page][offset] = value;
+                self.dirty[page] = true;
+            }
+        }
+    }
+
+    impl SourceGuest for FakeGuest {
+        fn page_count(&self) -> u64 {
+            PAGES as u64
+        }
+
+        fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
+            let p = self
+                .pages
+                .get(page as usize)
+                .ok_or(GuestError::PageOutOfRange { page })?;
+            out.copy_from_slice(&p[..]);
+            Ok(())
+        }
+
+        fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
+            let mut out = Vec::new();
+            for (page, dirty) in self.dirty.iter_mut().enumerate() {
+                if core::mem::take(dirty) {
+                    out.push(page as u64);
+                }
+            }
+            Ok(out)
+        }
+
+        fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
+            Ok(vec![vcpu_blob()])
+        }
+
+        fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
+            Ok(vec![(1, vec![0x16, 0x55])])
+        }
+    }
+
+    /// The destination's VM, with the digest kept up to date as pages land, the way the kernel
+    /// is meant to: one content hash per page, starting from the zeroed VM.
+    #[derive(Default)]
+    struct FakeHost {
+        pages: Vec<Page>,
+        hashes: Vec<u64>,
+        digest: MemoryDigest,
+        created: bool,
+        resumed: bool,
+        discarded: bool,
+        announced: Option<[u8; 6]>,
+        vcpus: Vec<Vec<u8>>,
+        devices: Vec<(u32, Vec<u8>)>,
+        refuse: Option<RefuseReason>,
+    }
+
+    impl DestinationHost for FakeHost {
+        fn admit(&mut self, config: &VmConfig, _peer: &Hello) -> Result<(), RefuseReason> {
+            if let Some(reason) = self.refuse.clone() {
+                return Err(reason);
+            }
+            let pages = config.mem_bytes / PAGE_SIZE as u64;
+            self.pages = (0..pages).map(|_| Box::new([0; PAGE_SIZE])).collect();
+            self.hashes = vec![ZERO_PAGE_CONTENT_HASH; pages as usize];
+            self.digest = MemoryDigest::zeroed(pages);
+            self.created = true;
+            Ok(())
+        }
+
+        fn write_page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), GuestError> {
+            let slot = self
+                .pages
+                .get_mut(page as usize)
+                .ok_or(GuestError::PageOutOfRange { page })?;
+            slot.copy_from_slice(data);
+            let new = content_hash(data);
+            self.digest.replace(page, self.hashes[page as usize], new);
+            self.hashes[page as usize] = new;
+            Ok(())
+        }
+
+        fn load_vcpu(&mut self, _vcpu: u32, state: &[u8]) -> Result<(), GuestError> {
+            self.vcpus.push(state.to_vec());
+            Ok(())
+        }
+
+        fn load_device(&mut self, device: u32, state: &[u8]) -> Result<(), GuestError> {
+            self.devices.push((device, state.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// One direction of the network.
+    #[derive(Default)]
+    struct Channel {
+        bytes: VecDeque<u8>,
+        /// What the sender may still put in this step.
+        credit: usize,
+        /// Set by a cut: every call fails, and what was in flight is lost.
+        cut: bool,
+        /// Set by an orderly close: the receiver gets what is in flight, then `Closed`.
+        closed: bool,
+        /// Nothing moves (a peer that stopped reading, a zero window), and nobody is told.
+        frozen: bool,
+    }
+
+    struct End<'a> {
+        tx: &'a mut Channel,
+        rx: &'a mut Channel,
+    }
+
+    impl Pipe for End<'_> {
+        fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
+            if self.tx.cut || self.tx.closed {
+                return Err(PipeError::Closed);
+            }
+            if self.tx.frozen {
+                return Ok(0);
+            }
+            let n = data.len().min(self.tx.credit);
+            self.tx.credit -= n;
+            self.tx.bytes.extend(&data[..n]);
+            Ok(n)
+        }
+
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
+            if self.rx.cut {
+                return Err(PipeError::Closed);
+            }
+            if self.rx.frozen {
+                return Ok(0);
+            }
+            let n = buf.len().min(self.rx.bytes.len());
+            if n == 0 && self.rx.closed {
+                return Err(PipeError::Closed);
+            }
+            for (slot, byte) in buf.iter_mut().zip(self.rx.bytes.drain(..n)) {
+                *slot = byte;
+            }
+            Ok(n)
+        }
+    }
+
+    #[derive(Default)]
+    struct Net {
+        to_destination: Channel,
+        to_source: Channel,
+    }
+
+    impl Net {
+        fn source_end(&mut self) -> End<'_> {
+            End {
+                tx: &mut self.to_destination,
+                rx: &mut self.to_source,
+            }
+        }
+
+        fn destination_end(&mut self) -> End<'_> {
+            End {
+                tx: &mut self.to_source,
+                rx: &mut self.to_destination,
+            }
+        }
+
+        fn each(&mut self, f: impl Fn(&mut Channel)) {
+            f(&mut self.to_destination);
+            f(&mut self.to_source);
+        }
+    }
+
+    /// Where in a step a fault strikes: just before this call.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Phase {
+        SourceStep,
+        SourceFlush,
+        DestinationStep,
+        DestinationFlush,
+    }
+
+    const PHASES: [Phase; 4] = [
+        Phase::SourceStep,
+        Phase::SourceFlush,
+        Phase::DestinationStep,
+        Phase::DestinationFlush,
+    ];
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        None,
+        /// Both directions fail with `Closed` from then on.
+        Cut {
+            step: u64,
+            phase: Phase,
+        },
+        /// One bit flips in the bytes in flight (if any).
+        Corrupt {
+            step: u64,
+            bit: u64,
+        },
+        /// From then on nothing moves and no error is reported.
+        Freeze {
+            step: u64,
+        },
+        /// The destination refuses the VM.
+        Refuse,
+        /// The destination closes the connection right after flushing its CommitAck.
+        CloseAfterAck,
+    }
+
+    struct Run {
+        source: SourceDriver,
+        destination: DestinationDriver,
+        guest: FakeGuest,
+        host: FakeHost,
+        steps: u64,
+        throttled: bool,
+        /// Largest outbound queue of the source seen after a step during pre-copy.
+        max_precopy_queue: usize,
+    }
+
+    /// What the kernel does with the source's actions, including `on_paused` after a pause.
+    struct SourceSide {
+        guest: FakeGuest,
+        in_doubt: bool,
+        throttled: bool,
+    }
+
+    impl SourceSide {
+        fn perform(
+            &mut self,
+            driver: &mut SourceDriver,
+            now: u64,
+            actions: Vec<SourceAction>,
+            host: &FakeHost,
+        ) {
+            for action in actions {
+                match action {
+                    SourceAction::SetThrottle(level) => {
+                        self.throttled |= level > 0;
+                        self.guest.throttle = level;
+                    }
+                    SourceAction::PauseVm => {
+                        self.guest.paused = true;
+                        let more = driver.on_paused(now, &mut self.guest);
+                        self.perform(driver, now, more, host);
+                    }
+                    SourceAction::ResumeVm => self.guest.paused = false,
+                    SourceAction::DestroyVm => {
+                        // The acknowledgement left the destination only after its VM ran.
+                        assert!(host.resumed, "source destroyed its VM before the copy ran");
+                        self.guest.destroyed = true;
+                    }
+                    SourceAction::ResolveInDoubt => self.in_doubt = true,
+                }
+            }
+        }
+    }
+
+    fn perform_destination(host: &mut FakeHost, actions: Vec<DestinationAction>) {
+        for action in actions {
+            match action {
+                DestinationAction::ResumeVm => host.resumed = true,
+                DestinationAction::DiscardCopy => {
+                    assert!(!host.resumed, "discarded a running VM");
+                    host.discarded = true;
+                }
+                DestinationAction::AnnounceMac(mac) => host.announced = Some(mac),
+            }
+        }
+    }
+
+    fn source_config() -> SourceConfig {
+        SourceConfig {
+            node_name: "node1".to_string(),
+            capabilities: Capabilities::KNOWN,
+            cpu_vendor: CpuVendor::Amd,
+            cpu_features: 0,
+            vm: VmConfig {
+                name: "guest".to_string(),
+                mem_bytes: (PAGES * PAGE_SIZE) as u64,
+                vcpus: 1,
+                dirty_rate: 0,
+                mac: MAC,
+                disk_id: None,
+            },
+            policy: PolicyConfig {
+                downtime_target_us: 2 * TICK_US,
+                max_rounds: 20,
+                throttle_after_rounds: 1,
+                ..PolicyConfig::default()
+            },
+            timeouts: timeouts(),
+            batch_pages: BATCH_PAGES,
+        }
+    }
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            handshake_us: 50 * TICK_US,
+            pause_us: 20 * TICK_US,
+            idle_us: 50 * TICK_US,
+            commit_us: 50 * TICK_US,
+        }
+    }
+
+    fn destination() -> Destination {
+        Destination::new(
+            DestinationConfig {
+                node_name: "node2".to_string(),
+                capabilities: Capabilities::KNOWN,
+                cpu_vendor: CpuVendor::Intel,
+                cpu_features: 0,
+                timeouts: timeouts(),
+            },
+            0,
+        )
+        .expect("valid destination config")
+    }
+
+    fn migrate(seed: u64, writes_per_step: u64, fault: Fault, limits: DriverLimits) -> Run {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut side = SourceSide {
+            guest: FakeGuest::new(&mut rng, writes_per_step),
+            in_doubt: false,
+            throttled: false,
+        };
+        let mut host = FakeHost::default();
+        if fault == Fault::Refuse {
+            host.refuse = Some(RefuseReason::Busy);
+        }
+        let source = Source::new(source_config()).expect("valid source config");
+        let mut sdrv = SourceDriver::with_limits(source, limits);
+        let mut ddrv = DestinationDriver::with_limits(destination(), limits);
+        let mut net = Net::default();
+        let mut max_precopy_queue = 0;
+        sdrv.start(0);
+
+        let mut step = 0;
+        while step < MAX_STEPS {
+            let now = step * TICK_US;
+            net.each(|c| c.credit = CAPACITY);
+            let strike = |net: &mut Net, phase: Phase| match fault {
+                Fault::Cut { step: s, phase: p } if s == step && p == phase => {
+                    net.each(|c| c.cut = true)
+                }
+                Fault::Freeze { step: s } if s == step && phase == Phase::SourceStep => {
+                    net.each(|c| c.frozen = true)
+                }
+                Fault::Corrupt { step: s, bit } if s == step => {
+                    if phase == Phase::DestinationStep && !net.to_destination.bytes.is_empty() {
+                        let bytes = &mut net.to_destination.bytes;
+                        let bit = bit as usize % (bytes.len() * 8);
+                        bytes[bit / 8] ^= 1 << (bit % 8);
+                    }
+                    if phase == Phase::SourceStep && !net.to_source.bytes.is_empty() {
+                        let bytes = &mut net.to_source.bytes;
+                        let bit = bit as usize % (bytes.len() * 8);
+                        bytes[bit / 8] ^= 1 << (bit % 8);
+                    }
+                }
+                _ => {}
+            };
+
+            strike(&mut net, Phase::SourceStep);
+            let actions = sdrv.step(now, &mut net.source_end(), &mut side.guest);
+            side.perform(&mut sdrv, now, actions, &host);
+            if sdrv.source().state() == SourceState::PreCopy {
+                max_precopy_queue = max_precopy_queue.max(sdrv.link().queued());
+            }
+            strike(&mut net, Phase::SourceFlush);
+            let actions = sdrv.flush(now, &mut net.source_end());
+            side.perform(&mut sdrv, now, actions, &host);
+
+            strike(&mut net, Phase::DestinationStep);
+            let actions = ddrv.step(now, &mut net.destination_end(), &mut host);
+            perform_destination(&mut host, actions);
+            strike(&mut net, Phase::DestinationFlush);
+            let actions = ddrv.flush(now, &mut net.destination_end());
+            perform_destination(&mut host, actions);
+            if fault == Fault::CloseAfterAck && ddrv.destination().state() == DestinationState::Done
+            {
+                net.each(|c| c.closed = true);
+            }
+
+            // The shared authority answers once the destination has settled either way.
+            if side.in_doubt && ddrv.finished() {
+                side.in_doubt = false;
+                let committed = ddrv.destination().state() == DestinationState::Done;
+                let actions = sdrv.resolve_in_doubt(now, committed);
+                side.perform(&mut sdrv, now, actions, &host);
+            }
+            side.guest.run_slice(&mut rng);
+            if sdrv.finished() && ddrv.finished() && !side.in_doubt {
+                break;
+            }
+            step += 1;
+        }
+        Run {
+            source: sdrv,
+            destination: ddrv,
+            guest: side.guest,
+            host,
+            steps: step,
+            throttled: side.throttled,
+            max_precopy_queue,
+        }
+    }
+
+    fn check(run: &Run, fault: Fault) {
+        let ctx = || alloc::format!("{fault:?}, ended at step {}", run.steps);
+        assert!(run.steps < MAX_STEPS, "run did not finish: {}", ctx());
+        let source = run.source.source();
+        let destination = run.destination.destination();
+        match source.state() {
+            SourceState::Done => {
+                assert_eq!(destination.state(), DestinationState::Done, "{}", ctx());
+                assert!(run.host.resumed && !run.host.discarded, "{}", ctx());
+                assert!(run.guest.destroyed, "{}", ctx());
+                assert!(
+                    run.host.pages == run.guest.pages,
+                    "memory differs: {}",
+                    ctx()
+                );
+                let full = MemoryDigest::from_pages(
+                    run.guest
+                        .pages
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (i as u64, &**p)),
+                );
+                assert_eq!(run.host.digest, full, "digest differs: {}", ctx());
+                assert_eq!(run.host.vcpus, [vcpu_blob()], "{}", ctx());
+                assert_eq!(run.host.devices, [(1, vec![0x16, 0x55])], "{}", ctx());
+                assert_eq!(run.host.announced, Some(MAC), "{}", ctx());
+            }
+            SourceState::Failed => {
+                assert!(source.failure().is_some(), "{}", ctx());
+                assert!(!run.host.resumed, "VM runs on both nodes: {}", ctx());
+                assert!(run.guest.running(), "source VM not running: {}", ctx());
+                assert_eq!(run.guest.throttle, 0, "{}", ctx());
+                assert!(run.guest.pages == run.guest.expected, "{}", ctx());
+                assert_eq!(destination.state(), DestinationState::Failed, "{}", ctx());
+                assert_eq!(run.host.created, run.host.discarded, "copy kept: {}", ctx());
+            }
+            other => panic!("source ended in {other:?}: {}", ctx()),
+        }
+        assert!(
+            run.source.finished() && run.destination.finished(),
+            "{}",
+            ctx()
+        );
+    }
+
+    #[test]
+    fn migration_over_a_slow_link_matches_memory_and_digest() {
+        for seed in 1..=3 {
+            for writes in [0, 6, 40] {
+                let run = migrate(seed, writes, Fault::None, limits());
+                check(&run, Fault::None);
+                assert_eq!(run.source.source().state(), SourceState::Done);
+                assert!(run.source.transport_failure().is_none());
+                // Backpressure held: at most one batch past the high-water mark.
+                let batch = BATCH_PAGES * (PAGE_SIZE + 16) + 64;
+                assert!(
+                    run.max_precopy_queue <= limits().outbound_high_water + batch,
+                    "queue reached {}",
+                    run.max_precopy_queue
+                );
+                assert!(
+                    run.max_precopy_queue > CAPACITY,
+                    "the link was never the bottleneck"
+                );
+                // Everything queued went out, and the receiver read all of it.
+                assert_eq!(
+                    run.source.link().bytes_sent(),
+                    run.destination.link().bytes_received()
+                );
+                if writes == 40 {
+                    assert!(
+                        run.throttled,
+                        "seed {seed}: a busy guest was never throttled"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_limits_also_converge() {
+        let run = migrate(4, 6, Fault::None, DriverLimits::default());
+        check(&run, Fault::None);
+        assert_eq!(run.source.source().state(), SourceState::Done);
+    }
+
+    #[test]
+    fn refusal_ends_both_sides() {
+        let run = migrate(1, 4, Fault::Refuse, limits());
+        check(&run, Fault::Refuse);
+        assert_eq!(
+            run.source.source().failure(),
+            Some(&Failure::Refused(RefuseReason::Busy))
+        );
+    }
+
+    /// A cut and a corrupted byte in flight at every step of a migration (every fifth step for
+    /// a busy guest, whose migration is four times longer), the phase of the step rotating, and
+    /// in all four phases around the commit.
+    #[test]
+    fn failure_at_any_step_leaves_one_running_copy() {
+        let mut runs = 0;
+        let mut committed = 0;
+        let mut in_doubt_resolved = 0;
+        let mut tally = |run: &Run, fault: Fault| {
+            check(run, fault);
+            runs += 1;
+            if run.source.source().state() == SourceState::Done {
+                committed += 1;
+                // Done although the connection broke: the cut fell between Commit and
+                // CommitAck and the in-doubt source learned that the destination committed.
+                if run.source.transport_failure().is_some() {
+                    in_doubt_resolved += 1;
+                }
+            }
+        };
+        for (seed, writes, stride) in [(1, 6, 1), (2, 40, 5)] {
+            let steps = migrate(seed, writes, Fault::None, limits()).steps;
+            for step in (0..=steps + 1).step_by(stride) {
+                let phase = PHASES[(step / stride as u64 % 4) as usize];
+                let cut = Fault::Cut { step, phase };
+                let corrupt = Fault::Corrupt {
+                    step,
+                    bit: seed * 7919 + step * 31,
+                };
+                for fault in [cut, corrupt] {
+                    tally(&migrate(seed, writes, fault, limits()), fault);
+                }
+            }
+        }
+        let steps = migrate(1, 6, Fault::None, limits()).steps;
+        for step in steps.saturating_sub(6)..=steps {
+            for phase in PHASES {
+                let fault = Fault::Cut { step, phase };
+                tally(&migrate(1, 6, fault, limits()), fault);
+            }
+        }
+        assert!(committed > 0 && committed < runs, "{committed} of {runs}");
+        assert!(
+            in_doubt_resolved > 0,
+            "no cut fell between Commit and CommitAck"
+        );
+        std::eprintln!("{runs} failure runs, {committed} committed, {in_doubt_resolved} in doubt");
+    }
+
+    #[test]
+    fn a_link_that_stops_moving_fails_on_the_stall_timeout() {
+        let reference = migrate(1, 6, Fault::None, limits());
+        // Early (handshake), mid pre-copy, and late.
+        for step in [1, reference.steps / 2, reference.steps.saturating_sub(2)] {
+            let fault = Fault::Freeze { step };
+            let run = migrate(1, 6, fault, limits());
+            check(&run, fault);
+        }
+        let run = migrate(
+            1,
+            6,
+            Fault::Freeze {
+                step: reference.steps / 2,
+            },
+            limits(),
+        );
+        assert_eq!(run.source.source().state(), SourceState::Failed);
+        assert!(matches!(
+            run.source.transport_failure(),
+            Some(TransportFailure::Stalled { .. })
+        ));
+    }
+
+    #[test]
+    fn close_after_done_is_not_a_failure() {
+        let mut run = migrate(2, 6, Fault::None, limits());
+        check(&run, Fault::None);
+        let mut net = Net::default();
+        net.each(|c| c.closed = true);
+        let now = (run.steps + 1) * TICK_US;
+        assert!(run
+            .source
+            .step(now, &mut net.source_end(), &mut run.guest)
+            .is_empty());
+        assert!(run.source.flush(now, &mut net.source_end()).is_empty());
+        assert!(run
+            .destination
+            .step(now, &mut net.destination_end(), &mut run.host)
+            .is_empty());
+        assert!(run
+            .destination
+            .flush(now, &mut net.destination_end())
+            .is_empty());
+        assert_eq!(run.source.source().state(), SourceState::Done);
+        assert!(run.source.source().failure().is_none());
+        assert_eq!(
+            run.destination.destination().state(),
+            DestinationState::Done
+        );
+        assert!(run.destination.destination().failure().is_none());
+        assert!(run.source.finished() && run.destination.finished());
+    }
+
+    #[test]
+    fn ack_followed_by_a_close_completes() {
+        // The destination closes right after its CommitAck, so the source reads the ack and the
+        // close in one step: the ack counts, the close is no failure.
+        let run = migrate(3, 6, Fault::CloseAfterAck, limits());
+        check(&run, Fault::CloseAfterAck);
+        assert_eq!(run.source.source().state(), SourceState::Done);
+        assert!(run.source.source().failure().is_none());
+        assert_eq!(
+            run.source.transport_failure(),
+            Some(TransportFailure::Pipe(PipeError::Closed))
+        );
+    }
+
+    #[test]
+    fn garbage_from_the_peer_aborts_without_a_panic() {
+        let mut host = FakeHost::default();
+        let mut ddrv = DestinationDriver::with_limits(destination(), limits());
+        let mut net = Net::default();
+        net.each(|c| c.credit = usize::MAX);
+        net.to_destination.bytes.extend(b"SSH-2.0-OpenSSH_9.6\r\n");
+        let actions = ddrv.step(0, &mut net.destination_end(), &mut host);
+        assert!(actions.is_empty(), "no VM was created, nothing to discard");
+        assert_eq!(ddrv.destination().state(), DestinationState::Failed);
+        assert!(matches!(
+            ddrv.destination().failure(),
+            Some(Failure::Aborted {
+                reason: AbortReason::ProtocolError,
+                by_peer: false,
+                ..
+            })
+        ));
+        assert!(!ddrv.finished(), "the abort is still to be sent");
+        ddrv.flush(0, &mut net.destination_end());
+        assert!(ddrv.finished());
+        let mut reader = FrameLink::new();
+        reader.receive(&mut net.source_end()).unwrap();
+        assert!(matches!(
+            reader.next_message(),
+            Ok(Some(Message::Abort(a))) if a.reason == AbortReason::ProtocolError
+        ));
+
+        // The source, mid pre-copy: the VM is released and an abort goes out.
+        let mut rng = Rng(5);
+        let mut guest = FakeGuest::new(&mut rng, 0);
+        let mut sdrv = SourceDriver::with_limits(Source::new(source_config()).unwrap(), limits());
+        sdrv.start(0);
+        let mut net = Net::default();
+        net.each(|c| c.credit = usize::MAX);
+        let mut peer = FrameLink::new();
+        peer.queue(&Message::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            node_name: "node2".to_string(),
+            capabilities: Capabilities::KNOWN,
+            cpu_vendor: CpuVendor::Intel,
+            cpu_features: 0,
+        }))
+        .unwrap();
+        peer.queue(&Message::VmConfigReply(crate::message::ConfigReply::Accept))
+            .unwrap();
+        peer.flush(&mut net.destination_end()).unwrap();
+        net.to_source.bytes.extend([0xFF; 40]);
+        let actions = sdrv.step(0, &mut net.source_end(), &mut guest);
+        assert!(
+            actions.is_empty(),
+            "nothing was paused or throttled yet: {actions:?}"
+        );
+        assert_eq!(sdrv.source().state(), SourceState::Failed);
+        sdrv.flush(0, &mut net.source_end());
+        assert!(sdrv.finished());
+    }
+
+    #[test]
+    fn start_actions_and_cancel_go_through_the_driver() {
+        let mut rng = Rng(9);
+        let mut guest = FakeGuest::new(&mut rng, 0);
+        let mut sdrv = SourceDriver::new(Source::new(source_config()).unwrap());
+        sdrv.start(0);
+        assert!(sdrv.link().queued() > 0, "the hello is queued");
+        let mut net = Net::default();
+        // A connection not yet established takes nothing: no error, nothing sent.
+        assert!(sdrv.flush(0, &mut net.source_end()).is_empty());
+        assert_eq!(sdrv.link().bytes_sent(), 0);
+        assert!(sdrv.step(1, &mut net.source_end(), &mut guest).is_empty());
+        assert!(sdrv.cancel(2).is_empty());
+        assert_eq!(sdrv.source().state(), SourceState::Failed);
+        assert!(!sdrv.finished(), "hello and abort are still queued");
+        net.each(|c| c.credit = usize::MAX);
+        sdrv.flush(3, &mut net.source_end());
+        assert!(sdrv.finished());
+    }
+}

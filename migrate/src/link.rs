@@ -1,0 +1,541 @@
+//! A framed, non-blocking link: messages in and out over any byte pipe.
+//!
+//! The kernel runs its VMs and the migration on the same cores, so nothing here may block: a
+//! [`Pipe`] takes or gives what it can right now, and the [`FrameLink`] keeps what the pipe did
+//! not take (outbound) and what does not yet form a frame (inbound) until the next call. The link
+//! never decides anything about the protocol; errors are returned for the driver above to turn
+//! into aborts.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::frame::{FrameDecoder, FrameError};
+use crate::message::{Message, MessageError};
+
+/// Most bytes [`FrameLink::receive`] pulls from the pipe in one call. A peer sending faster than
+/// we decode must not make one call run (and buffer) without limit: the caller's loop also runs
+/// VMs. 256 KiB is 64 raw pages, a few milliseconds of page writes.
+pub const RECEIVE_BUDGET: usize = 256 * 1024;
+
+/// Size of each read from the pipe. Kept on the heap, since kernel stacks are small.
+const RECEIVE_CHUNK: usize = 16 * 1024;
+
+/// An outbound buffer emptied after a burst keeps at most this much capacity, so one large final
+/// batch does not pin megabytes for the rest of the connection.
+const KEEP_CAPACITY: usize = 1024 * 1024;
+
+/// A non-blocking byte pipe (the kernel implements it over a smoltcp TCP socket, tests over
+/// memory).
+///
+/// `recv` should return everything the peer sent before reporting [`PipeError::Closed`], so that
+/// a last message followed by an orderly close (a `CommitAck`, say) is not lost.
+pub trait Pipe {
+    /// Sends a prefix of `data` without blocking; Ok(0) when the pipe cannot take more now
+    /// (including a connection not yet established).
+    fn send(&mut self, data: &[u8]) -> Result<usize, PipeError>;
+    /// Receives without blocking; Ok(0) when nothing is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError>;
+}
+
+/// Why a pipe can no longer carry bytes. Every variant is final for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeError {
+    /// The peer closed the connection.
+    Closed,
+    /// The connection was reset (by the peer, or by the stack after retransmissions failed).
+    Reset,
+    /// Any other failure of the underlying transport.
+    Other,
+}
+
+impl fmt::Display for PipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PipeError::Closed => "connection closed by the peer",
+            PipeError::Reset => "connection reset",
+            PipeError::Other => "connection failed",
+        })
+    }
+}
+
+impl core::error::Error for PipeError {}
+
+/// Why the inbound stream cannot be read any further.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// The bytes do not form a valid frame: framing is lost.
+    Frame(FrameError),
+    /// A valid frame does not hold a valid message.
+    Message(MessageError),
+}
+
+impl From<FrameError> for LinkError {
+    fn from(error: FrameError) -> Self {
+        LinkError::Frame(error)
+    }
+}
+
+impl From<MessageError> for LinkError {
+    fn from(error: MessageError) -> Self {
+        LinkError::Message(error)
+    }
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Frame(e) => write!(f, "{e}"),
+            LinkError::Message(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl core::error::Error for LinkError {}
+
+/// Messages queued as frames for a [`Pipe`], and frames received from it decoded as messages.
+///
+/// Like the [`FrameDecoder`] it wraps, the inbound side fails for good on the first bad frame or
+/// message: the protocol has no way to skip one, so every later call returns the same error.
+#[derive(Debug)]
+pub struct FrameLink {
+    /// Encoded frames; bytes before `out_start` were accepted by the pipe already. Sending
+    /// advances the offset instead of shifting the buffer, so a pipe taking a few bytes at a time
+    /// costs linear, not quadratic, time.
+    out: Vec<u8>,
+    out_start: usize,
+    bytes_sent: u64,
+    decoder: FrameDecoder,
+    scratch: Vec<u8>,
+    bytes_received: u64,
+    failure: Option<LinkError>,
+}
+
+impl Default for FrameLink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameLink {
+    /// A link with nothing queued or received.
+    pub fn new() -> Self {
+        Self {
+            out: Vec::new(),
+            out_start: 0,
+            bytes_sent: 0,
+            decoder: FrameDecoder::new(),
+            scratch: Vec::new(),
+            bytes_received: 0,
+            failure: None,
+        }
+    }
+
+    /// Encodes `message` as one whole frame at the end of the outbound queue. On error nothing is
+    /// queued, so the stream never holds half a frame.
+    pub fn queue(&mut self, message: &Message) -> Result<(), MessageError> {
+        // Compacting only once the sent prefix is at least half the buffer keeps the cost of
+        // moving the unsent tail amortised over the bytes that were sent.
+        if self.out_start > 0 && self.out_start * 2 >= self.out.len() {
+            self.out.drain(..self.out_start);
+            self.out_start = 0;
+        }
+        message.encode(&mut self.out)
+    }
+
+    /// Bytes queued but not yet accepted by the pipe.
+    pub fn queued(&self) -> usize {
+        self.out.len() - self.out_start
+    }
+
+    /// Total bytes the pipe accepted.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// Total bytes read from the pipe.
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received
+    }
+
+    /// Bytes received that do not yet form a complete frame (or were not yet taken as messages).
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered_len()
+    }
+
+    /// Sends as much of the queue as the pipe takes now.
+    pub fn flush(&mut self, pipe: &mut impl Pipe) -> Result<(), PipeError> {
+        while self.out_start < self.out.len() {
+            let pending = &self.out[self.out_start..];
+            // A pipe claiming more than it was given must not move the offset past the data.
+            let taken = pipe.send(pending)?.min(pending.len());
+            if taken == 0 {
+                break;
+            }
+            self.out_start += taken;
+            self.bytes_sent += taken as u64;
+        }
+        if self.out_start == self.out.len() {
+            self.out.clear();
+            self.out_start = 0;
+            if self.out.capacity() > KEEP_CAPACITY {
+                self.out.shrink_to(KEEP_CAPACITY);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls what is waiting in the pipe, at most [`RECEIVE_BUDGET`] bytes, into the decoder.
+    ///
+    /// Bytes read before a pipe error stay in the decoder, so messages the peer sent just before
+    /// closing can still be taken with [`next_message`](Self::next_message).
+    pub fn receive(&mut self, pipe: &mut impl Pipe) -> Result<(), PipeError> {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; RECEIVE_CHUNK];
+        }
+        let mut budget = RECEIVE_BUDGET;
+        while budget > 0 {
+            let want = budget.min(self.scratch.len());
+            let buf = &mut self.scratch[..want];
+            let got = pipe.recv(buf)?.min(want);
+            if got == 0 {
+                break;
+            }
+            self.decoder.push(&buf[..got]);
+            self.bytes_received += got as u64;
+            budget -= got;
+        }
+        Ok(())
+    }
+
+    /// The next complete message received: `Ok(None)` when more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, LinkError> {
+        if let Some(error) = &self.failure {
+            return Err(error.clone());
+        }
+        let result = match self.decoder.next_frame() {
+            Ok(None) => return Ok(None),
+            Ok(Some(frame)) => Message::decode(&frame).map(Some).map_err(LinkError::from),
+            Err(error) => Err(LinkError::from(error)),
+        };
+        if let Err(error) = &result {
+            self.failure = Some(error.clone());
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Abort, AbortReason, PageBatch, PageEncoding, PageEntry, PAGE_SIZE};
+    use alloc::boxed::Box;
+    use alloc::collections::VecDeque;
+    use alloc::string::ToString;
+
+    /// A pipe over memory that accepts at most `send_limit` bytes per `send` call and returns at
+    /// most `recv_limit` bytes per `recv` call.
+    struct MemPipe {
+        wire: VecDeque<u8>,
+        send_limit: usize,
+        recv_limit: usize,
+        /// Returned by every call once set.
+        error: Option<PipeError>,
+        sends: usize,
+    }
+
+    impl MemPipe {
+        fn new(send_limit: usize, recv_limit: usize) -> Self {
+            Self {
+                wire: VecDeque::new(),
+                send_limit,
+                recv_limit,
+                error: None,
+                sends: 0,
+            }
+        }
+    }
+
+    impl Pipe for MemPipe {
+        fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
+            if let Some(e) = self.error {
+                return Err(e);
+            }
+            self.sends += 1;
+            let n = data.len().min(self.send_limit);
+            self.wire.extend(&data[..n]);
+            Ok(n)
+        }
+
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
+            let n = buf.len().min(self.recv_limit).min(self.wire.len());
+            if n == 0 {
+                if let Some(e) = self.error {
+                    return Err(e);
+                }
+            }
+            for (slot, byte) in buf.iter_mut().zip(self.wire.drain(..n)) {
+                *slot = byte;
+            }
+            Ok(n)
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        for (i, b) in page.iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        vec![
+            Message::Switchover,
+            Message::PageBatch(PageBatch {
+                round: 1,
+                entries: vec![
+                    PageEntry {
+                        page: 0,
+                        encoding: PageEncoding::Zero,
+                    },
+                    PageEntry {
+                        page: 9,
+                        encoding: PageEncoding::Raw(page),
+                    },
+                ],
+            }),
+            Message::Commit,
+            Message::Abort(Abort {
+                reason: AbortReason::Timeout,
+                text: "late".to_string(),
+            }),
+            Message::CommitAck,
+        ]
+    }
+
+    fn stream_of(messages: &[Message]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for m in messages {
+            m.encode(&mut bytes).unwrap();
+        }
+        bytes
+    }
+
+    fn drain(link: &mut FrameLink) -> Vec<Message> {
+        let mut out = Vec::new();
+        while let Some(m) = link.next_message().unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_boundary() {
+        let messages = samples();
+        let stream = stream_of(&messages);
+        for split in 0..=stream.len() {
+            let mut pipe = MemPipe::new(usize::MAX, usize::MAX);
+            let mut link = FrameLink::new();
+            let mut got = Vec::new();
+            for piece in [&stream[..split], &stream[split..]] {
+                pipe.wire.extend(piece);
+                link.receive(&mut pipe).unwrap();
+                got.extend(drain(&mut link));
+            }
+            assert_eq!(got, messages, "split at {split}");
+            assert_eq!(link.buffered(), 0);
+            assert_eq!(link.bytes_received(), stream.len() as u64);
+        }
+    }
+
+    #[test]
+    fn one_byte_pipes_in_both_directions() {
+        let messages = samples();
+        let mut sender = FrameLink::new();
+        for m in &messages {
+            sender.queue(m).unwrap();
+        }
+        let total = stream_of(&messages).len();
+        assert_eq!(sender.queued(), total);
+
+        let mut pipe = MemPipe::new(1, 1);
+        let mut receiver = FrameLink::new();
+        let mut got = Vec::new();
+        // One flush drains the whole queue one byte per send call.
+        sender.flush(&mut pipe).unwrap();
+        assert_eq!(pipe.sends, total);
+        assert_eq!(sender.queued(), 0);
+        assert_eq!(sender.bytes_sent(), total as u64);
+        while !pipe.wire.is_empty() {
+            receiver.receive(&mut pipe).unwrap();
+            got.extend(drain(&mut receiver));
+        }
+        assert_eq!(got, messages);
+    }
+
+    #[test]
+    fn queue_accounting_follows_what_the_pipe_takes() {
+        let messages = samples();
+        let mut link = FrameLink::new();
+        let mut pipe = MemPipe::new(7, usize::MAX);
+        let mut expected_total = 0;
+        let mut sent_so_far = 0u64;
+        // Queue while earlier frames are only partly sent, so compaction runs mid-stream.
+        for (i, m) in messages.iter().cycle().take(40).enumerate() {
+            let mut one = Vec::new();
+            m.encode(&mut one).unwrap();
+            expected_total += one.len();
+            link.queue(m).unwrap();
+            assert_eq!(link.queued() as u64 + sent_so_far, expected_total as u64);
+            if i % 3 == 0 {
+                // A pipe that is full takes nothing.
+                let before = link.queued();
+                pipe.send_limit = 0;
+                link.flush(&mut pipe).unwrap();
+                assert_eq!(link.queued(), before);
+                pipe.send_limit = 7;
+            }
+            // A pipe taking 7 bytes per call, three calls per flush.
+            let mut limited = Limited {
+                inner: &mut pipe,
+                calls_left: 3,
+            };
+            link.flush(&mut limited).unwrap();
+            sent_so_far = link.bytes_sent();
+            assert_eq!(link.queued() as u64 + sent_so_far, expected_total as u64);
+        }
+        link.flush(&mut pipe).unwrap();
+        assert_eq!(link.queued(), 0);
+        assert_eq!(link.bytes_sent(), expected_total as u64);
+        let mut receiver = FrameLink::new();
+        receiver.receive(&mut pipe).unwrap();
+        let expected: Vec<Message> = messages.iter().cycle().take(40).cloned().collect();
+        assert_eq!(drain(&mut receiver), expected);
+    }
+
+    /// Forwards a limited number of sends, then reports a full pipe.
+    struct Limited<'a> {
+        inner: &'a mut MemPipe,
+        calls_left: usize,
+    }
+
+    impl Pipe for Limited<'_> {
+        fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
+            if self.calls_left == 0 {
+                return Ok(0);
+            }
+            self.calls_left -= 1;
+            self.inner.send(data)
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
+            self.inner.recv(buf)
+        }
+    }
+
+    #[test]
+    fn unencodable_message_queues_nothing() {
+        let mut link = FrameLink::new();
+        link.queue(&Message::Commit).unwrap();
+        let before = link.queued();
+        let too_long = Message::Abort(Abort {
+            reason: AbortReason::Cancelled,
+            text: "x".repeat(crate::message::MAX_TEXT_LEN + 1),
+        });
+        assert!(matches!(
+            link.queue(&too_long),
+            Err(MessageError::TooLong { .. })
+        ));
+        assert_eq!(link.queued(), before);
+    }
+
+    #[test]
+    fn receive_is_bounded_per_call() {
+        let mut bytes = Vec::new();
+        while bytes.len() < 3 * RECEIVE_BUDGET {
+            Message::CommitAck.encode(&mut bytes).unwrap();
+        }
+        let mut pipe = MemPipe::new(usize::MAX, usize::MAX);
+        pipe.wire.extend(&bytes);
+        let mut link = FrameLink::new();
+        link.receive(&mut pipe).unwrap();
+        assert_eq!(link.bytes_received(), RECEIVE_BUDGET as u64);
+        assert_eq!(pipe.wire.len(), bytes.len() - RECEIVE_BUDGET);
+    }
+
+    #[test]
+    fn bytes_before_a_close_are_kept() {
+        let mut pipe = MemPipe::new(usize::MAX, 5);
+        pipe.wire.extend(stream_of(&[Message::CommitAck]));
+        pipe.error = Some(PipeError::Closed);
+        let mut link = FrameLink::new();
+        assert_eq!(link.receive(&mut pipe), Err(PipeError::Closed));
+        assert_eq!(drain(&mut link), [Message::CommitAck]);
+        assert_eq!(
+            link.flush(&mut pipe),
+            Ok(()),
+            "an empty queue sends nothing"
+        );
+        link.queue(&Message::Commit).unwrap();
+        assert_eq!(link.flush(&mut pipe), Err(PipeError::Closed));
+    }
+
+    #[test]
+    fn garbage_yields_a_lasting_error_not_a_panic() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        for round in 0..300 {
+            let len = (next() % 200) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // A valid frame with a broken payload: the frame layer passes, the message layer
+            // must refuse.
+            if round % 3 == 0 {
+                bytes.clear();
+                crate::frame::encode(crate::frame::FrameKind::Commit, b"junk", &mut bytes).unwrap();
+            }
+            let mut pipe = MemPipe::new(usize::MAX, 1 + (next() % 64) as usize);
+            pipe.wire.extend(&bytes);
+            let mut link = FrameLink::new();
+            while !pipe.wire.is_empty() {
+                link.receive(&mut pipe).unwrap();
+                loop {
+                    match link.next_message() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(error) => {
+                            assert_eq!(link.next_message(), Err(error));
+                            break;
+                        }
+                    }
+                }
+            }
+            if round % 3 == 0 {
+                assert!(matches!(
+                    link.next_message(),
+                    Err(LinkError::Message(MessageError::TrailingBytes { count: 4 }))
+                ));
+            }
+        }
+        let mut pipe = MemPipe::new(usize::MAX, usize::MAX);
+        pipe.wire.extend(b"GET / HTTP/1.1\r\n");
+        let mut link = FrameLink::new();
+        link.receive(&mut pipe).unwrap();
+        assert!(matches!(
+            link.next_message(),
+            Err(LinkError::Frame(FrameError::BadMagic { .. }))
+        ));
+    }
+
+    #[test]
+    fn errors_display_as_sentences() {
+        assert_eq!(
+            PipeError::Closed.to_string(),
+            "connection closed by the peer"
+        );
+        assert_eq!(
+            LinkError::Frame(FrameError::BadMagic { found: *b"GET " }).to_string(),
+            "not a migration frame (magic 47 45 54 20)"
+        );
+    }
+}

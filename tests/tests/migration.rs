@@ -1,0 +1,483 @@
+//! End-to-end tests of live migration (issue 5): two QEMU nodes (AMD SVM + NPT) linked NIC to
+//! NIC, the test guest (64 MiB) moved between them with `migrate <vm> <node>`.
+//!
+//! What each move must show:
+//! - node1 prints `[migrate] migration of vm1 to node2 completed: total .., downtime .., ..` and
+//!   `[migrate] vm vm1 now runs on node2; memory digest at switchover 0x..`;
+//! - node2 prints `[migrate] incoming vm vm1 arrived in ..: running on node2 (.. memory digest
+//!   0x..)`: the same digest, so the destination's memory equals the source's at switchover;
+//! - the guest's heartbeats continue on node2 with the next number (guest time stood still
+//!   during the pause: no number skipped, none repeated), all saying ok (the guest's background
+//!   check found no bad page), and `vm verify` passes there;
+//! - `vm list` shows the VM on its new node only.
+//!
+//! Failures (link cut, destination killed, cancel, refusal) must leave the VM running on node1,
+//! its verification passing, and no copy on node2.
+//!
+//! Every test boots two nodes, so every test is `#[ignore]`d like those of e2e.rs:
+//! `./run-tests.sh` runs them; by hand:
+//! `cargo test -p tests --test migration -- --include-ignored --test-threads 2`.
+
+use std::time::Duration;
+
+use tests::{Cluster, ClusterOptions, Console};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Bound on one migration of a 64 MiB guest under TCG (a few seconds at ~20 MB/s; a dirtying
+/// guest takes several rounds and throttling).
+const MIGRATION: Duration = Duration::from_secs(240);
+/// Bound on waiting for one guest line.
+const GUEST_LINE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Parsers (pure; unit-tested below)
+// ---------------------------------------------------------------------------------------------
+
+/// The `0x..` number following `key ` in `line`.
+fn hex_after(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let word = rest.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    u64::from_str_radix(word.strip_prefix("0x")?, 16).ok()
+}
+
+/// The heartbeat numbers of `[name] heartbeat N ok` lines, in order; panics on a FAIL line.
+fn heartbeats(text: &str, name: &str) -> Vec<u64> {
+    let needle = format!("[{name}] heartbeat ");
+    text.lines()
+        .filter_map(|l| Some(&l[l.find(&needle)? + needle.len()..]))
+        .map(|rest| {
+            assert!(
+                rest.trim_end().ends_with("ok"),
+                "[{name}] heartbeat {rest:?}: the guest reports a bad page"
+            );
+            rest.split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap()
+        })
+        .collect()
+}
+
+/// What a completed migration's summary line states.
+#[derive(Debug, PartialEq)]
+struct Summary {
+    rounds: u64,
+    downtime_ms: f64,
+}
+
+fn parse_summary(line: &str) -> Option<Summary> {
+    let downtime = line.split("downtime ").nth(1)?.split(" ms").next()?;
+    let rounds = line.split(" rounds").next()?.rsplit(' ').next()?;
+    Some(Summary {
+        rounds: rounds.parse().ok()?,
+        downtime_ms: downtime.parse().ok()?,
+    })
+}
+
+/// Ethernet frames of a pcap file (classic format, either byte order): (seconds, frame).
+fn pcap_frames(bytes: &[u8]) -> Vec<(f64, Vec<u8>)> {
+    let u32_at = |at: usize, le: bool| {
+        let b: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
+    let le = match bytes.get(..4) {
+        Some([0xd4, 0xc3, 0xb2, 0xa1]) => true,
+        Some([0xa1, 0xb2, 0xc3, 0xd4]) => false,
+        _ => return Vec::new(),
+    };
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let time = f64::from(u32_at(at, le)) + f64::from(u32_at(at + 4, le)) / 1e6;
+        let len = u32_at(at + 8, le) as usize;
+        let start = at + 16;
+        let Some(frame) = bytes.get(start..start + len) else {
+            break;
+        };
+        frames.push((time, frame.to_vec()));
+        at = start + len;
+    }
+    frames
+}
+
+/// RARP announcements (ethertype 0x8035, broadcast) from `mac`: their capture times.
+fn rarp_announcements(frames: &[(f64, Vec<u8>)], mac: [u8; 6]) -> Vec<f64> {
+    frames
+        .iter()
+        .filter(|(_, f)| f.len() >= 14 && f[12..14] == [0x80, 0x35] && f[6..12] == mac)
+        .filter(|(_, f)| f[..6] == [0xff; 6])
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario helpers
+// ---------------------------------------------------------------------------------------------
+
+const VM_MAC: &str = "02:00:00:00:00:01";
+const VM_MAC_BYTES: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+fn two_nodes(capture: bool) -> Cluster {
+    let mut opts = ClusterOptions::default().with("on_panic", "exit");
+    opts.capture = capture;
+    Cluster::start(opts).expect("cluster boots")
+}
+
+/// Creates and starts `vm1` (64 MiB) on node `k` and waits for its first heartbeat.
+fn start_guest(cluster: &mut Cluster, k: usize, dirty: u64) {
+    let c = cluster.console(k);
+    c.command_amid_output(&format!("vm create vm1 mem=64 dirty={dirty} mac={VM_MAC}"))
+        .unwrap();
+    c.command_amid_output("vm start vm1").unwrap();
+    c.expect("[vm1] ready", GUEST_LINE).unwrap();
+    c.expect("[vm1] heartbeat 1 ok", GUEST_LINE).unwrap();
+}
+
+/// Asks the guest on node `k` for a full verification and checks the answer.
+fn verify(c: &mut Console) {
+    let (_, out) = c.command_amid_output("vm verify vm1").unwrap();
+    assert!(out.contains("verification requested"), "{out}");
+    let (which, text) = c
+        .expect_any(&["[vm1] verify ok", "[vm1] verify FAILED"], GUEST_LINE)
+        .unwrap();
+    assert_eq!(which, 0, "the guest's verification failed:\n{text}");
+}
+
+/// Whether `vm list` on `c` shows vm1, and its state.
+fn listed_state(c: &mut Console) -> Option<String> {
+    let (_, out) = c.command_amid_output("vm list").unwrap();
+    out.lines()
+        .find(|l| l.starts_with("vm1 "))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+}
+
+/// Moves vm1 from node `from` to node `to` and checks everything a move must show; returns the
+/// summary.
+fn migrate_and_check(cluster: &mut Cluster, from: usize, to: usize) -> Summary {
+    let to_name = format!("node{to}");
+    let from_name = format!("node{from}");
+    // Forget old output on the destination: its first heartbeat after the move is looked for
+    // from here.
+    cluster
+        .console(to)
+        .skip_output(Duration::from_millis(200), secs(5));
+    let source_text_start = cluster.console(from).output().len();
+    let (_, out) = cluster
+        .console(from)
+        .command_amid_output(&format!("migrate vm1 {to_name}"))
+        .unwrap();
+    assert!(
+        out.contains(&format!("migrating vm1 to {to_name}")),
+        "{out}"
+    );
+
+    let (which, text) = cluster
+        .console(from)
+        .expect_any(
+            &[
+                &format!("migration of vm1 to {to_name} completed"),
+                &format!("migration of vm1 to {to_name} failed"),
+            ],
+            MIGRATION,
+        )
+        .unwrap();
+    assert_eq!(which, 0, "the migration failed:\n{text}");
+    let line = cluster.console(from).expect("\n", secs(5)).unwrap();
+    let summary = parse_summary(&line).unwrap_or_else(|| panic!("bad summary line {line:?}"));
+    let digest_line = cluster
+        .console(from)
+        .expect("memory digest at switchover ", secs(30))
+        .map(|_| cluster.console(from).expect("\n", secs(5)).unwrap())
+        .unwrap();
+    let source_digest = hex_after(&format!("digest {}", digest_line.trim()), "digest ")
+        .unwrap_or_else(|| panic!("bad digest {digest_line:?}"));
+
+    let arrived = cluster
+        .console(to)
+        .expect("incoming vm vm1 arrived", MIGRATION)
+        .unwrap();
+    let arrived = format!(
+        "{arrived}{}",
+        cluster.console(to).expect("\n", secs(5)).unwrap()
+    );
+    assert!(
+        arrived.contains(&format!("running on {to_name}")),
+        "{arrived}"
+    );
+    let dest_digest = hex_after(&arrived, "memory digest ").expect("digest on the destination");
+    assert_eq!(
+        source_digest, dest_digest,
+        "the destination's memory differs from the source's at switchover"
+    );
+
+    // Heartbeats: the last on the source and the first on the destination are consecutive.
+    let source_text = cluster.console(from).output()[source_text_start..].to_string();
+    let last_on_source = heartbeats(&source_text, "vm1").last().copied();
+    let next = cluster
+        .console(to)
+        .expect("[vm1] heartbeat ", GUEST_LINE)
+        .unwrap();
+    let rest = cluster.console(to).expect("\n", secs(5)).unwrap();
+    let first_on_dest = heartbeats(&format!("{next}{rest}"), "vm1")[0];
+    if let Some(last) = last_on_source {
+        assert_eq!(
+            first_on_dest,
+            last + 1,
+            "heartbeat jumped from {last} on {from_name} to {first_on_dest} on {to_name}"
+        );
+    }
+
+    verify(cluster.console(to));
+    assert_eq!(
+        listed_state(cluster.console(to)).as_deref(),
+        Some("running")
+    );
+    assert_eq!(
+        listed_state(cluster.console(from)),
+        None,
+        "vm1 still on {from_name}"
+    );
+    summary
+}
+
+/// A failed migration: the VM runs on node1, verified, and node2 holds no copy.
+fn assert_stayed_on_node1(cluster: &mut Cluster) {
+    assert_eq!(listed_state(cluster.console(1)).as_deref(), Some("running"));
+    cluster
+        .console(1)
+        .expect("[vm1] heartbeat ", GUEST_LINE)
+        .unwrap();
+    verify(cluster.console(1));
+}
+
+fn wait_failed_on_node1(cluster: &mut Cluster) -> String {
+    let (which, text) = cluster
+        .console(1)
+        .expect_any(
+            &[
+                "migration of vm1 to node2 failed",
+                "migration of vm1 to node2 completed",
+            ],
+            MIGRATION,
+        )
+        .unwrap();
+    assert_eq!(which, 0, "the migration should have failed:\n{text}");
+    cluster.console(1).expect("\n", secs(5)).unwrap()
+}
+
+/// Waits until the source has sent part of the memory (round 1 in progress).
+fn wait_until_sending(c: &mut Console) {
+    for _ in 0..200 {
+        let (_, out) = c.command_amid_output("migrate status").unwrap();
+        if out.contains("PreCopy") && !out.contains(" 0.0 MB sent") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the migration never started sending");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// An idle guest goes to node2 and back; node2's link capture shows the VM's announcements.
+#[test]
+#[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
+fn idle_guest_migrates_there_and_back() {
+    let mut cluster = two_nodes(true);
+    start_guest(&mut cluster, 1, 0);
+    let there = migrate_and_check(&mut cluster, 1, 2);
+    // The announcements go out over 800 ms after the resume; wait for them to be captured.
+    std::thread::sleep(Duration::from_secs(3));
+    let pcap = std::fs::read(cluster.dir().join("node2.cluster.pcap")).unwrap();
+    let times = rarp_announcements(&pcap_frames(&pcap), VM_MAC_BYTES);
+    assert_eq!(
+        times.len(),
+        5,
+        "RARP announcements for {VM_MAC} in node2's capture"
+    );
+    // QEMU's schedule: rounds at 0, 50, 200, 450 and 800 ms; delays are lower bounds.
+    let span = times[4] - times[0];
+    assert!(span >= 0.75, "announcements spread over {span} s");
+    let back = migrate_and_check(&mut cluster, 2, 1);
+    eprintln!("there: {there:?}, back: {back:?}");
+    cluster.stop().unwrap();
+}
+
+/// A guest that dirties memory faster than the link converges (auto-converge) both ways.
+#[test]
+#[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
+fn dirtying_guest_converges_there_and_back() {
+    let mut cluster = two_nodes(false);
+    // 20000 pages/s = 80 MB/s, several times what the link carries under TCG.
+    start_guest(&mut cluster, 1, 20000);
+    let there = migrate_and_check(&mut cluster, 1, 2);
+    assert!(
+        there.rounds > 1,
+        "a dirtying guest needs more than one round: {there:?}"
+    );
+    let back = migrate_and_check(&mut cluster, 2, 1);
+    eprintln!("there: {there:?}, back: {back:?}");
+    cluster.stop().unwrap();
+}
+
+/// Wrong requests get clear errors; a refusal and a cancel leave the VM where it was.
+#[test]
+#[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
+fn bad_requests_refusal_and_cancel_leave_the_vm_on_the_source() {
+    let mut cluster = two_nodes(false);
+    start_guest(&mut cluster, 1, 0);
+    let c = cluster.console(1);
+    for (line, error) in [
+        ("migrate nosuch node2", "no VM named 'nosuch'"),
+        ("migrate vm1 node9", "unknown host 'node9'"),
+        ("migrate vm1 node1", "already runs on this node"),
+        ("migrate vm1 10.10.0.1", "already runs on this node"),
+        ("migrate vm1", "usage"),
+        ("migrate cancel vm1", "no migration of 'vm1'"),
+        ("migrate resolve vm1 maybe", "here' or 'there'"),
+    ] {
+        let (_, out) = c.command_amid_output(line).unwrap();
+        assert!(out.contains(error), "{line}: expected {error:?} in:\n{out}");
+    }
+
+    // node2 already has a VM of that name: refused before any page is sent.
+    cluster
+        .console(2)
+        .command_amid_output("vm create vm1 mem=8")
+        .unwrap();
+    cluster
+        .console(1)
+        .command_amid_output("migrate vm1 node2")
+        .unwrap();
+    let line = wait_failed_on_node1(&mut cluster);
+    assert!(line.contains("NameExists"), "{line}");
+    assert_stayed_on_node1(&mut cluster);
+    let (_, out) = cluster
+        .console(2)
+        .command_amid_output("vm destroy vm1")
+        .unwrap();
+    assert!(out.contains("destroyed"), "{out}");
+
+    // A second migration while one runs, then a cancel.
+    let c = cluster.console(1);
+    c.command_amid_output("migrate vm1 node2").unwrap();
+    let (_, out) = c.command_amid_output("migrate vm1 node2").unwrap();
+    assert!(out.contains("already running"), "{out}");
+    let (_, out) = c.command_amid_output("vm stop vm1").unwrap();
+    assert!(out.contains("being migrated"), "{out}");
+    wait_until_sending(c);
+    let (_, out) = c.command_amid_output("migrate cancel vm1").unwrap();
+    assert!(out.contains("cancelled"), "{out}");
+    let line = wait_failed_on_node1(&mut cluster);
+    assert!(line.contains("Cancelled"), "{line}");
+    assert_stayed_on_node1(&mut cluster);
+    cluster
+        .console(2)
+        .expect("incoming migration of vm1 failed", MIGRATION)
+        .unwrap();
+    assert_eq!(listed_state(cluster.console(2)), None);
+    cluster.stop().unwrap();
+}
+
+/// The cluster link is cut in the middle of the copy: the VM stays on node1; once the link is
+/// back, the migration succeeds.
+#[test]
+#[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
+fn link_cut_mid_migration_leaves_the_vm_on_the_source() {
+    let mut cluster = two_nodes(false);
+    start_guest(&mut cluster, 1, 2000);
+    cluster
+        .console(1)
+        .command_amid_output("migrate vm1 node2")
+        .unwrap();
+    wait_until_sending(cluster.console(1));
+    cluster.set_cluster_link(2, false).unwrap();
+    let line = wait_failed_on_node1(&mut cluster);
+    eprintln!("{line}");
+    assert_stayed_on_node1(&mut cluster);
+    cluster
+        .console(2)
+        .expect("incoming migration of vm1 failed", MIGRATION)
+        .unwrap();
+    assert_eq!(listed_state(cluster.console(2)), None);
+
+    cluster.set_cluster_link(2, true).unwrap();
+    migrate_and_check(&mut cluster, 1, 2);
+    cluster.stop().unwrap();
+}
+
+/// The destination dies in the middle of the copy: the VM stays on node1.
+#[test]
+#[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
+fn destination_killed_mid_migration_leaves_the_vm_on_the_source() {
+    let mut cluster = two_nodes(false);
+    start_guest(&mut cluster, 1, 2000);
+    cluster
+        .console(1)
+        .command_amid_output("migrate vm1 node2")
+        .unwrap();
+    wait_until_sending(cluster.console(1));
+    cluster.kill_node(2).unwrap();
+    let line = wait_failed_on_node1(&mut cluster);
+    eprintln!("{line}");
+    assert_stayed_on_node1(&mut cluster);
+    // The killed node is expected to be gone; stop the rest.
+    drop(cluster);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parser tests (not ignored)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn summary_and_digest_lines_parse() {
+    let line = "[migrate] migration of vm1 to node2 completed: total 4210.5 ms, downtime 35.2 ms, \
+                70.1 MB on the wire (16.6 MB/s), 3 rounds, pages raw 16000 zero 380 compressed 4";
+    assert_eq!(
+        parse_summary(line),
+        Some(Summary {
+            rounds: 3,
+            downtime_ms: 35.2
+        })
+    );
+    assert_eq!(
+        hex_after("digest 0x00000000deadbeef)", "digest "),
+        Some(0xdead_beef)
+    );
+    assert_eq!(
+        heartbeats(
+            "[vm1] heartbeat 7 ok\r\n[x] heartbeat 9 ok\n[vm1] heartbeat 8 ok",
+            "vm1"
+        ),
+        [7, 8]
+    );
+}
+
+#[test]
+fn pcap_rarp_frames_are_found() {
+    let mut pcap = vec![0xd4, 0xc3, 0xb2, 0xa1];
+    pcap.extend_from_slice(&[0; 20]);
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&VM_MAC_BYTES);
+    frame.extend_from_slice(&[0x80, 0x35]);
+    frame.resize(60, 0);
+    for (sec, usec) in [(10u32, 0u32), (10, 500_000)] {
+        pcap.extend_from_slice(&sec.to_le_bytes());
+        pcap.extend_from_slice(&usec.to_le_bytes());
+        pcap.extend_from_slice(&60u32.to_le_bytes());
+        pcap.extend_from_slice(&60u32.to_le_bytes());
+        pcap.extend_from_slice(&frame);
+    }
+    let times = rarp_announcements(&pcap_frames(&pcap), VM_MAC_BYTES);
+    assert_eq!(times, [10.0, 10.5]);
+    assert!(rarp_announcements(&pcap_frames(&pcap), [2, 0, 0, 0, 0, 2]).is_empty());
+}
