@@ -9,8 +9,11 @@
 #   5. kernel + disk images (qemu-run.sh --build-only)
 #   6. end-to-end tests: real nodes under QEMU (SVM) and Bochs (VMX): every test binary of the
 #      tests crate (tests/tests/*.rs: e2e.rs, vms.rs, ...), then the benchmark figures they
-#      wrote to target/bench/ (the Linux network baseline, tests/tests/baseline.rs, runs alone
-#      after the others: its report compares with the figures of net.rs)
+#      wrote to target/bench/. Three benchmarks run alone after the others, so no other emulator
+#      competes for the cores: the Linux network baseline (tests/tests/baseline.rs; its report
+#      compares with the figures of net.rs), our live-migration benchmark (migration.rs
+#      migration_benchmark), then QEMU's own live migration (qemu_migration.rs) throttled to the
+#      stream throughput ours measured
 #
 # Usage: ./run-tests.sh [--no-e2e] [-- <extra arguments for the e2e test binaries, e.g. a filter>]
 # Every step runs even when an earlier one failed (except those that need its output); the exit
@@ -124,13 +127,24 @@ else
         step "end-to-end tests" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" E2E_THREADS="${E2E_THREADS:-2}" \
             timeout -k 30 2400 bash -c 'set -o pipefail
                 cargo test -p tests --test "*" --no-fail-fast -- --include-ignored \
-                    --test-threads "$E2E_THREADS" --skip linux_baseline "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
+                    --test-threads "$E2E_THREADS" --skip linux_baseline --skip migration_benchmark \
+                    --skip qemu_migration_baseline "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
         # The Linux network baseline (tests/tests/baseline.rs) alone, after net.rs: its report puts
         # the figures net.rs just wrote to target/bench/net-bench.txt next to Linux's.
         step "Linux network baseline" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" \
             timeout -k 30 300 bash -c 'set -o pipefail
                 cargo test -p tests --test baseline -- --include-ignored "$@" 2>&1 | tee -a "$E2E_LOG"' \
             baseline "${E2E_ARGS[@]}" || true
+        step "live migration benchmark" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" \
+            timeout -k 30 600 bash -c 'set -o pipefail
+                cargo test -p tests --test migration migration_benchmark -- --include-ignored "$@" 2>&1 | tee -a "$E2E_LOG"' \
+            migration-bench "${E2E_ARGS[@]}" || true
+        # QEMU's reference migration gets the stream throughput ours reached (default 20 MB/s).
+        MIGRATION_MBPS="$(sed -n 's/^reference_bandwidth_mbps=//p' "$TARGET_DIR/bench/migration.txt" 2>/dev/null || true)"
+        step "QEMU live migration baseline" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" \
+            HV_MIGRATION_BANDWIDTH_MBPS="${MIGRATION_MBPS:-20}" timeout -k 30 600 bash -c 'set -o pipefail
+                cargo test -p tests --test qemu_migration -- --include-ignored "$@" 2>&1 | tee -a "$E2E_LOG"' \
+            qemu-migration "${E2E_ARGS[@]}" || true
         # Figures printed by benchmark-style tests (e.g. vms.rs bench_verify_in_vm_vs_native).
         for f in "$TARGET_DIR"/bench/*.txt; do
             [[ -f "$f" ]] || continue

@@ -4,15 +4,17 @@
 //! it is the checksum iSCSI digests use too (RFC 7143 section 13.1), so one implementation serves
 //! both. Parameters: reflected polynomial 0x82F63B78, initial value and final XOR 0xFFFFFFFF.
 //!
-//! A byte-at-a-time table lookup: 1 KiB of table built at compile time, no allocation, fast enough
-//! for the link speeds of a first version (a later version can switch to the SSE4.2 `crc32`
-//! instruction on the host without changing any value).
+//! Slicing-by-8 table lookups: 8 KiB of tables built at compile time, no allocation, eight bytes
+//! per step. Every page of a migration is checksummed on both nodes, and under emulation (TCG)
+//! the byte-at-a-time loop was a large share of the sender's CPU time. (A later version can
+//! switch to the SSE4.2 `crc32` instruction without changing any value.)
 
 /// The Castagnoli polynomial, bit-reflected (LSB-first) as the table algorithm needs it.
 const POLYNOMIAL_REFLECTED: u32 = 0x82F6_3B78;
 
-/// `TABLE[b]` is the CRC register update for the byte value `b`.
-const TABLE: [u32; 256] = build_table();
+/// `TABLES[0][b]` is the CRC register update for the byte value `b`; `TABLES[k][b]` the update
+/// for `b` followed by `k` zero bytes (slicing-by-8).
+const TABLES: [[u32; 256]; 8] = build_tables();
 
 const fn build_table() -> [u32; 256] {
     let mut table = [0u32; 256];
@@ -34,6 +36,22 @@ const fn build_table() -> [u32; 256] {
     table
 }
 
+const fn build_tables() -> [[u32; 256]; 8] {
+    let mut tables = [[0u32; 256]; 8];
+    tables[0] = build_table();
+    let mut k = 1;
+    while k < 8 {
+        let mut byte = 0;
+        while byte < 256 {
+            let previous = tables[k - 1][byte];
+            tables[k][byte] = (previous >> 8) ^ tables[0][(previous & 0xFF) as usize];
+            byte += 1;
+        }
+        k += 1;
+    }
+    tables
+}
+
 /// An incremental CRC-32C: feed the covered bytes in any number of pieces, then [`finish`].
 ///
 /// [`finish`]: Crc32c::finish
@@ -52,10 +70,25 @@ impl Crc32c {
 
     /// Adds `bytes` to the checksummed data.
     pub fn update(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            let index = (self.register ^ u32::from(byte)) & 0xFF;
-            self.register = (self.register >> 8) ^ TABLE[index as usize];
+        let (words, rest) = bytes.as_chunks::<8>();
+        let mut crc = self.register;
+        for word in words {
+            let low = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) ^ crc;
+            let t = &TABLES;
+            crc = t[7][(low & 0xFF) as usize]
+                ^ t[6][((low >> 8) & 0xFF) as usize]
+                ^ t[5][((low >> 16) & 0xFF) as usize]
+                ^ t[4][(low >> 24) as usize]
+                ^ t[3][word[4] as usize]
+                ^ t[2][word[5] as usize]
+                ^ t[1][word[6] as usize]
+                ^ t[0][word[7] as usize];
         }
+        for &byte in rest {
+            let index = (crc ^ u32::from(byte)) & 0xFF;
+            crc = (crc >> 8) ^ TABLES[0][index as usize];
+        }
+        self.register = crc;
     }
 
     /// The CRC-32C of everything passed to [`update`](Self::update).
@@ -101,6 +134,31 @@ mod tests {
         assert_eq!(crc32c(&ascending), 0x46DD_794E);
         let descending: [u8; 32] = core::array::from_fn(|i| 31 - i as u8);
         assert_eq!(crc32c(&descending), 0x113F_DB5C);
+    }
+
+    /// The bitwise definition, to check the sliced tables against.
+    fn bitwise(bytes: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ POLYNOMIAL_REFLECTED
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        crc ^ 0xFFFF_FFFF
+    }
+
+    #[test]
+    fn sliced_tables_match_the_bitwise_definition() {
+        let data: std::vec::Vec<u8> = (0..1000u32).map(|i| ((i * 7919) >> 3) as u8).collect();
+        for len in 0..64 {
+            assert_eq!(crc32c(&data[..len]), bitwise(&data[..len]), "length {len}");
+        }
+        assert_eq!(crc32c(&data), bitwise(&data));
     }
 
     #[test]

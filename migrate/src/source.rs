@@ -127,6 +127,9 @@ impl core::error::Error for SourceError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Summary {
     pub started_us: u64,
+    /// When the destination accepted the VM and the first round began (the handshake, with the
+    /// destination reserving the VM's memory, comes before).
+    pub copy_started_us: Option<u64>,
     /// When the VM was paused, if it was.
     pub paused_us: Option<u64>,
     /// When the migration ended (done or failed).
@@ -140,6 +143,12 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Bytes per second from the first page to the end: the stream's throughput.
+    pub fn stream_bytes_per_sec(&self) -> Option<u64> {
+        let us = self.finished_us?.checked_sub(self.copy_started_us?)?.max(1);
+        u64::try_from(u128::from(self.bytes_sent) * 1_000_000 / u128::from(us)).ok()
+    }
+
     /// The pause the guest saw, once the migration ended after pausing.
     pub fn downtime_us(&self) -> Option<u64> {
         Some(self.finished_us?.saturating_sub(self.paused_us?))
@@ -340,6 +349,7 @@ impl Source {
                 }
                 self.state = SourceState::PreCopy;
                 self.deadline = None;
+                self.summary.copy_started_us = Some(now);
                 let pages = guest.page_count();
                 self.begin_round(now, (0..pages).collect());
             }

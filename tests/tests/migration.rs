@@ -64,16 +64,38 @@ fn heartbeats(text: &str, name: &str) -> Vec<u64> {
 /// What a completed migration's summary line states.
 #[derive(Debug, PartialEq)]
 struct Summary {
-    rounds: u64,
+    total_ms: f64,
     downtime_ms: f64,
+    wire_mb: f64,
+    stream_mb_s: f64,
+    rounds: u64,
+}
+
+/// The number between `before` and `after` in `line`.
+fn number_between(line: &str, before: &str, after: &str) -> Option<f64> {
+    line.split(before)
+        .nth(1)?
+        .split(after)
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn parse_summary(line: &str) -> Option<Summary> {
-    let downtime = line.split("downtime ").nth(1)?.split(" ms").next()?;
     let rounds = line.split(" rounds").next()?.rsplit(' ').next()?;
     Some(Summary {
+        total_ms: number_between(line, "total ", " ms")?,
+        downtime_ms: number_between(line, "downtime ", " ms")?,
+        wire_mb: line
+            .split(" MB on the wire")
+            .next()?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?,
+        stream_mb_s: number_between(line, "on the wire (", " MB/s while copying")?,
         rounds: rounds.parse().ok()?,
-        downtime_ms: downtime.parse().ok()?,
     })
 }
 
@@ -434,6 +456,68 @@ fn destination_killed_mid_migration_leaves_the_vm_on_the_source() {
     drop(cluster);
 }
 
+/// The benchmark (issue 5, item 6): raw `net bench` throughput between the nodes, then an idle
+/// and a dirtying 64 MiB guest migrated over the same link; the figures go to
+/// target/bench/migration.txt, whose last line gives QEMU's reference run
+/// (tests/tests/qemu_migration.rs) the bandwidth to set. ./run-tests.sh runs it alone.
+#[test]
+#[ignore = "boots two QEMU nodes; run alone by ./run-tests.sh"]
+fn migration_benchmark() {
+    let mut cluster = two_nodes(false);
+    let c = cluster.console(1);
+    c.set_default_timeout(secs(120));
+    let out = c.command("net bench node2 5").unwrap();
+    c.set_default_timeout(secs(60));
+    let raw: f64 = out
+        .lines()
+        .find(|l| l.contains(" bench: ") && l.contains("intact"))
+        .and_then(|l| l.split(" MB/s").next()?.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no bench figure in:\n{out}"));
+
+    start_guest(&mut cluster, 1, 0);
+    let idle = migrate_and_check(&mut cluster, 1, 2);
+    cluster
+        .console(2)
+        .command_amid_output("vm destroy vm1")
+        .unwrap();
+    start_guest(&mut cluster, 1, 20000);
+    let dirty = migrate_and_check(&mut cluster, 1, 2);
+
+    let mut report = String::from(
+        "live migration, 64 MiB test guest (QEMU TCG nodes, e1000 over a -netdev socket link):\n",
+    );
+    report.push_str(&format!(
+        "  raw throughput node1 -> node2 (net bench node2 5): {raw:.2} MB/s\n"
+    ));
+    report.push_str(
+        "  scenario              total ms  downtime ms  MB on wire  rounds  stream MB/s  stream/raw\n",
+    );
+    for (name, s) in [("idle", &idle), ("dirty 20000 pages/s", &dirty)] {
+        report.push_str(&format!(
+            "  {name:<20} {:>9.1} {:>12.1} {:>11.1} {:>7} {:>12.1} {:>11.2}\n",
+            s.total_ms,
+            s.downtime_ms,
+            s.wire_mb,
+            s.rounds,
+            s.stream_mb_s,
+            s.stream_mb_s / raw
+        ));
+    }
+    report.push_str(
+        "  (command: cargo test -p tests --test migration -- --include-ignored migration_benchmark)\n",
+    );
+    // The stream throughput of the idle run: QEMU's reference migration is throttled to it.
+    report.push_str(&format!(
+        "reference_bandwidth_mbps={:.0}\n",
+        idle.stream_mb_s.max(1.0)
+    ));
+    print!("{report}");
+    let dir = tests::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("migration.txt"), report).unwrap();
+    cluster.stop().unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Parser tests (not ignored)
 // ---------------------------------------------------------------------------------------------
@@ -441,12 +525,15 @@ fn destination_killed_mid_migration_leaves_the_vm_on_the_source() {
 #[test]
 fn summary_and_digest_lines_parse() {
     let line = "[migrate] migration of vm1 to node2 completed: total 4210.5 ms, downtime 35.2 ms, \
-                70.1 MB on the wire (16.6 MB/s), 3 rounds, pages raw 16000 zero 380 compressed 4";
+                70.1 MB on the wire (16.6 MB/s while copying), 3 rounds, pages raw 16000 zero 380 compressed 4";
     assert_eq!(
         parse_summary(line),
         Some(Summary {
+            total_ms: 4210.5,
+            downtime_ms: 35.2,
+            wire_mb: 70.1,
+            stream_mb_s: 16.6,
             rounds: 3,
-            downtime_ms: 35.2
         })
     );
     assert_eq!(
