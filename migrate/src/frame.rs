@@ -77,11 +77,15 @@ pub enum FrameKind {
     /// The destination's answer to [`FrameKind::VmConfig`]: accept, or refuse with a reason.
     /// Added after the first ten; codes are append-only so existing ones never change meaning.
     VmConfigReply = 11,
+    /// After a lost commit acknowledgement, on a connection of its own: does the peer run a VM?
+    OwnerQuery = 12,
+    /// The answer to [`FrameKind::OwnerQuery`].
+    OwnerReply = 13,
 }
 
 impl FrameKind {
     /// Every kind, in code order.
-    pub const ALL: [FrameKind; 11] = [
+    pub const ALL: [FrameKind; 13] = [
         FrameKind::Hello,
         FrameKind::VmConfig,
         FrameKind::PageBatch,
@@ -93,6 +97,8 @@ impl FrameKind {
         FrameKind::CommitAck,
         FrameKind::Abort,
         FrameKind::VmConfigReply,
+        FrameKind::OwnerQuery,
+        FrameKind::OwnerReply,
     ];
 
     /// The code of this kind on the wire.
@@ -114,6 +120,8 @@ impl FrameKind {
             9 => Ok(FrameKind::CommitAck),
             10 => Ok(FrameKind::Abort),
             11 => Ok(FrameKind::VmConfigReply),
+            12 => Ok(FrameKind::OwnerQuery),
+            13 => Ok(FrameKind::OwnerReply),
             _ => Err(FrameError::UnknownKind { code }),
         }
     }
@@ -407,11 +415,11 @@ mod tests {
     #[test]
     fn kind_codes_are_stable() {
         let codes: Vec<u16> = FrameKind::ALL.iter().map(|kind| kind.code()).collect();
-        assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
         for kind in FrameKind::ALL {
             assert_eq!(FrameKind::from_code(kind.code()), Ok(kind));
         }
-        for code in [0, 12, 0x8000, u16::MAX] {
+        for code in [0, 14, 0x8000, u16::MAX] {
             assert_eq!(
                 FrameKind::from_code(code),
                 Err(FrameError::UnknownKind { code })
@@ -579,7 +587,7 @@ mod tests {
 
     #[test]
     fn unknown_kind() {
-        for code in [0, 12, 0xFFFF] {
+        for code in [0, 14, 0xFFFF] {
             let bytes = raw_frame(MAGIC, PROTOCOL_VERSION, code, 0, &[]);
             assert_eq!(decode_all(&bytes), Err(FrameError::UnknownKind { code }));
         }

@@ -12,7 +12,9 @@
 //! - [`driver`]: each machine over a link, one non-blocking step at a time, with backpressure on
 //!   pre-copy and transport failures fed to the machine as aborts;
 //! - [`digest`]: an order-independent digest of guest memory, kept up to date page by page, so
-//!   both ends can compare memory at switchover without hashing all of it during the pause.
+//!   both ends can compare memory at switchover without hashing all of it during the pause;
+//! - [`owner`]: after a lost commit acknowledgement, the query that asks the destination
+//!   whether it runs the VM, and its answer.
 //!
 //! Dependency rule: `migrate` is plain `no_std + alloc` logic. It never depends on hardware, on the
 //! kernel, or on `vmx`, `net` or `storage`: byte streams, guest memory, vCPU state and the disk
@@ -33,6 +35,7 @@ pub mod frame;
 pub mod link;
 pub mod machine;
 pub mod message;
+pub mod owner;
 pub mod policy;
 pub mod source;
 

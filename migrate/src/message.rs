@@ -239,6 +239,18 @@ pub struct Abort {
     pub text: String,
 }
 
+/// Where a VM stands on the node asked by an [`Message::OwnerQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// The VM runs (or is paused) here: this node committed it.
+    Runs,
+    /// A migration of it is still arriving here, not committed yet: ask again later.
+    Receiving,
+    /// No such VM here, and none arriving: this node did not commit it, and never will
+    /// (a destination that failed ignores everything after).
+    Absent,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -256,6 +268,15 @@ pub enum Message {
     /// The destination runs the VM now; the source may destroy its copy.
     CommitAck,
     Abort(Abort),
+    /// Asks where the named VM stands on the peer (see [`Ownership`]).
+    OwnerQuery {
+        vm: String,
+    },
+    /// The answer to [`Message::OwnerQuery`].
+    OwnerReply {
+        vm: String,
+        ownership: Ownership,
+    },
 }
 
 /// Why a message could not be encoded or decoded.
@@ -617,6 +638,8 @@ impl Message {
             Message::Commit => FrameKind::Commit,
             Message::CommitAck => FrameKind::CommitAck,
             Message::Abort(_) => FrameKind::Abort,
+            Message::OwnerQuery { .. } => FrameKind::OwnerQuery,
+            Message::OwnerReply { .. } => FrameKind::OwnerReply,
         }
     }
 
@@ -744,6 +767,15 @@ impl Message {
                     AbortReason::LocalFailure => 5,
                 });
                 put_str(out, &a.text, "abort text", MAX_TEXT_LEN)?;
+            }
+            Message::OwnerQuery { vm } => put_str(out, vm, "vm name", MAX_NAME_LEN)?,
+            Message::OwnerReply { vm, ownership } => {
+                put_str(out, vm, "vm name", MAX_NAME_LEN)?;
+                out.push(match ownership {
+                    Ownership::Runs => 0,
+                    Ownership::Receiving => 1,
+                    Ownership::Absent => 2,
+                });
             }
         }
         Ok(())
@@ -925,6 +957,24 @@ impl Message {
                 let text = r.str("abort text", MAX_TEXT_LEN)?;
                 Message::Abort(Abort { reason, text })
             }
+            FrameKind::OwnerQuery => Message::OwnerQuery {
+                vm: r.str("vm name", MAX_NAME_LEN)?,
+            },
+            FrameKind::OwnerReply => {
+                let vm = r.str("vm name", MAX_NAME_LEN)?;
+                let ownership = match r.u8("ownership")? {
+                    0 => Ownership::Runs,
+                    1 => Ownership::Receiving,
+                    2 => Ownership::Absent,
+                    v => {
+                        return Err(MessageError::UnknownValue {
+                            field: "ownership",
+                            value: u64::from(v),
+                        })
+                    }
+                };
+                Message::OwnerReply { vm, ownership }
+            }
         };
         r.finish()?;
         Ok(message)
@@ -1073,7 +1123,16 @@ mod tests {
             }),
             Message::Commit,
             Message::CommitAck,
+            Message::OwnerQuery {
+                vm: "vm1".to_string(),
+            },
         ];
+        for ownership in [Ownership::Runs, Ownership::Receiving, Ownership::Absent] {
+            all.push(Message::OwnerReply {
+                vm: "vm1".to_string(),
+                ownership,
+            });
+        }
         for reason in [
             RefuseReason::NameExists,
             RefuseReason::NotEnoughMemory {

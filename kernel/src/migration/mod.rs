@@ -26,7 +26,8 @@ use migrate::destination::{Destination, DestinationAction, DestinationConfig, De
 use migrate::digest::MemoryDigest;
 use migrate::driver::{DestinationDriver, SourceDriver};
 use migrate::machine::Timeouts;
-use migrate::message::{Capabilities, CpuVendor, VmConfig, PAGE_SIZE};
+use migrate::message::{Capabilities, CpuVendor, Ownership, VmConfig, PAGE_SIZE};
+use migrate::owner::{OwnerQueryClient, OwnerResponder, QueryState};
 use migrate::policy::PolicyConfig;
 use migrate::source::{Source, SourceAction, SourceConfig, SourceState};
 
@@ -38,6 +39,10 @@ use pipe::SocketPipe;
 
 /// The TCP port every node receives migrations on.
 pub const PORT: u16 = 7070;
+/// The TCP port every node answers owner queries on (see `migrate::owner`).
+pub const QUERY_PORT: u16 = 7071;
+/// Pause between two owner queries of a migration in doubt.
+const QUERY_RETRY_US: u64 = 2_000_000;
 /// Pages per batch: 128 KiB of raw pages per frame keeps one loop pass short.
 const BATCH_PAGES: usize = 32;
 /// A connection with unacknowledged data or unanswered keep-alives for this long is lost.
@@ -50,6 +55,7 @@ const HISTORY: usize = 8;
 struct Outgoing {
     vm: String,
     peer: String,
+    target: Ipv4,
     driver: SourceDriver,
     socket: SocketHandle,
     was_running: bool,
@@ -58,6 +64,9 @@ struct Outgoing {
     in_doubt: bool,
     /// The digest of the VM's memory at switchover, computed before the copy here is freed.
     digest: Option<u64>,
+    /// While in doubt: the owner query under way, and when the next may start.
+    query: Option<(OwnerQueryClient, SocketHandle)>,
+    next_query_us: u64,
 }
 
 /// A VM arriving on this node.
@@ -82,6 +91,11 @@ pub struct Migrations {
     incoming: Option<Incoming>,
     announcements: Vec<Announcement>,
     history: Vec<String>,
+    owner_listener: Option<SocketHandle>,
+    responders: Vec<(OwnerResponder, SocketHandle)>,
+    /// Test hook (`migrate debug drop-commit-ack`): the next incoming migration commits but
+    /// its acknowledgement is lost, which puts the source in doubt.
+    pub drop_next_commit_ack: bool,
 }
 
 /// Why `migrate` refused to start.
@@ -166,6 +180,9 @@ impl Migrations {
             incoming: None,
             announcements: Vec::new(),
             history: Vec::new(),
+            owner_listener: None,
+            responders: Vec::new(),
+            drop_next_commit_ack: false,
         }
     }
 
@@ -238,12 +255,15 @@ impl Migrations {
         self.outgoing = Some(Outgoing {
             vm: vm.to_string(),
             peer: label.to_string(),
+            target,
             driver,
             socket,
             was_running,
             started_us: now,
             in_doubt: false,
             digest: None,
+            query: None,
+            next_query_us: 0,
         });
         Ok(())
     }
@@ -282,6 +302,7 @@ impl Migrations {
         let mut busy = false;
         self.ensure_listener(net);
         self.accept(net, vms);
+        self.serve_owner_queries(net, vms);
         if let Some(out) = self.outgoing.as_mut() {
             busy |= poll_outgoing(out, net, vms, &mut lines);
             if out.driver.finished() && !out.in_doubt {
@@ -291,7 +312,14 @@ impl Migrations {
         }
         if let Some(inc) = self.incoming.as_mut() {
             let mut announce = None;
-            busy |= poll_incoming(inc, net, vms, &mut lines, &mut announce);
+            busy |= poll_incoming(
+                inc,
+                net,
+                vms,
+                &mut lines,
+                &mut announce,
+                &mut self.drop_next_commit_ack,
+            );
             if let Some(mac) = announce {
                 self.announcements.push(Announcement {
                     mac,
@@ -315,6 +343,53 @@ impl Migrations {
         let excess = self.history.len().saturating_sub(HISTORY);
         self.history.drain(..excess);
         (lines, busy)
+    }
+
+    /// Answers owner queries: whether a VM runs here, is still arriving, or is not here.
+    fn serve_owner_queries(&mut self, net: &mut Net, vms: &VmTable) {
+        let Some(stack) = net.cluster_stack() else {
+            return;
+        };
+        match self.owner_listener {
+            None => match stack.tcp_listen(QUERY_PORT) {
+                Ok(handle) => self.owner_listener = Some(handle),
+                Err(e) => log::error!("owner query listener: {e}"),
+            },
+            Some(handle) => {
+                let state = stack.tcp_socket(handle).state();
+                if !matches!(state, State::Listen | State::SynReceived) {
+                    self.owner_listener = None;
+                    self.responders
+                        .push((OwnerResponder::new(now_us()), handle));
+                }
+            }
+        }
+        let incoming = self.incoming.as_ref().and_then(|inc| {
+            let receiving = !matches!(
+                inc.driver.destination().state(),
+                DestinationState::Done | DestinationState::Failed
+            );
+            inc.copy.name.clone().filter(|_| receiving)
+        });
+        let now = now_us();
+        self.responders.retain_mut(|(responder, handle)| {
+            let mut pipe = SocketPipe(stack.tcp_socket(*handle));
+            let done = responder.step(now, &mut pipe, |vm| {
+                let ownership = if incoming.as_deref() == Some(vm) {
+                    Ownership::Receiving
+                } else if vms.get(vm).is_ok_and(|v| v.state != VmState::Incoming) {
+                    Ownership::Runs
+                } else {
+                    Ownership::Absent
+                };
+                log::info!("owner query for {vm}: {ownership:?}");
+                ownership
+            });
+            if done {
+                stack.tcp_release(*handle);
+            }
+            !done
+        });
     }
 
     fn ensure_listener(&mut self, net: &mut Net) {
@@ -587,6 +662,10 @@ fn poll_outgoing(
         return false;
     };
     let now = now_us();
+    if out.in_doubt {
+        settle_in_doubt(out, stack, vms, lines, now);
+        return false;
+    }
     let mut pipe = SocketPipe(stack.tcp_socket(out.socket));
     let actions = {
         let mut guest = SourceVm {
@@ -604,6 +683,57 @@ fn poll_outgoing(
             out.driver.source().state(),
             SourceState::PreCopy | SourceState::FinalCopy
         )
+}
+
+/// Asks the destination, again and again, whether it runs the VM, until it answers for sure.
+fn settle_in_doubt(
+    out: &mut Outgoing,
+    stack: &mut ::net::stack::Stack<crate::net::Nic>,
+    vms: &mut VmTable,
+    lines: &mut Vec<String>,
+    now: u64,
+) {
+    if out.query.is_none() {
+        if now < out.next_query_us {
+            return;
+        }
+        out.next_query_us = now.saturating_add(QUERY_RETRY_US);
+        match stack.tcp_connect(out.target, QUERY_PORT) {
+            Ok(handle) => out.query = Some((OwnerQueryClient::new(&out.vm, now), handle)),
+            Err(e) => {
+                log::warn!("migration of {}: owner query: {e}", out.vm);
+                return;
+            }
+        }
+    }
+    let Some((client, handle)) = out.query.as_mut() else {
+        return;
+    };
+    let state = client
+        .step(now, &mut SocketPipe(stack.tcp_socket(*handle)))
+        .clone();
+    let committed = match state {
+        QueryState::Waiting => return,
+        QueryState::Answered(Ownership::Runs) => Some(true),
+        QueryState::Answered(Ownership::Absent) => Some(false),
+        QueryState::Answered(Ownership::Receiving) => None,
+        QueryState::Failed(why) => {
+            log::info!("migration of {}: owner query: {why}; asking again", out.vm);
+            None
+        }
+    };
+    stack.tcp_release(*handle);
+    out.query = None;
+    if let Some(committed) = committed {
+        lines.push(format!(
+            "migration of {} no longer in doubt: {} {} it",
+            out.vm,
+            out.peer,
+            if committed { "runs" } else { "does not run" }
+        ));
+        let actions = out.driver.resolve_in_doubt(now, committed);
+        source_actions(out, vms, actions, lines);
+    }
 }
 
 /// Carries out what the source asked for.
@@ -689,6 +819,7 @@ fn poll_incoming(
     vms: &mut VmTable,
     lines: &mut Vec<String>,
     announce: &mut Option<[u8; 6]>,
+    drop_commit_ack: &mut bool,
 ) -> bool {
     let Some(stack) = net.cluster_stack() else {
         return false;
@@ -702,6 +833,12 @@ fn poll_incoming(
         };
         inc.driver.step(now, &mut pipe, &mut host)
     };
+    if *drop_commit_ack && actions.contains(&DestinationAction::ResumeVm) {
+        // The test hook: commit, but reset the connection before the acknowledgement leaves.
+        *drop_commit_ack = false;
+        log::warn!("debug: dropping the commit acknowledgement");
+        pipe.0.abort();
+    }
     destination_actions(inc, vms, actions, lines, announce);
     let actions = inc.driver.flush(now_us(), &mut pipe);
     destination_actions(inc, vms, actions, lines, announce);

@@ -36,6 +36,15 @@ pub fn migrate(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
                 .map_err(CommandError::Failed)?;
             writeln!(out, "migration of {vm} resolved: the VM runs {side}").map_err(out_err)
         }
+        // Hidden test hook (see `Migrations::drop_next_commit_ack`).
+        ["debug", "drop-commit-ack"] => {
+            node.migrations.drop_next_commit_ack = true;
+            writeln!(
+                out,
+                "the next incoming migration will lose its commit acknowledgement"
+            )
+            .map_err(out_err)
+        }
         ["resolve", _, side] => Err(CommandError::BadArguments(format!(
             "resolve takes 'here' or 'there', not '{}'",
             super::net::shorten(side)
