@@ -179,30 +179,10 @@ impl MemoryDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{Page, Rng};
     use alloc::boxed::Box;
     use alloc::vec;
     use alloc::vec::Vec;
-
-    type Page = Box<[u8; PAGE_SIZE]>;
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        fn page(&mut self) -> Page {
-            let mut page: Page = Box::new([0; PAGE_SIZE]);
-            for chunk in page.chunks_mut(8) {
-                chunk.copy_from_slice(&self.next_u64().to_le_bytes());
-            }
-            page
-        }
-    }
 
     #[test]
     fn zero_page_constant_matches_hashing_a_zero_page() {

@@ -441,20 +441,14 @@ mod tests {
     //! destination discarded its copy.
 
     use super::*;
-    use crate::destination::DestinationConfig;
-    use crate::digest::{content_hash, MemoryDigest, ZERO_PAGE_CONTENT_HASH};
-    use crate::machine::{Failure, GuestError, Timeouts};
-    use crate::message::{Capabilities, CpuVendor, Hello, RefuseReason, VmConfig, PAGE_SIZE};
-    use crate::policy::PolicyConfig;
-    use crate::source::SourceConfig;
-    use alloc::boxed::Box;
-    use alloc::collections::VecDeque;
+    use crate::machine::Failure;
+    use crate::message::{Capabilities, CpuVendor, Hello, RefuseReason, PAGE_SIZE};
+    use crate::testing::{
+        check_outcome, destination_config, source_config, FakeGuest, FakeHost, Net, Rng, TICK_US,
+    };
     use alloc::string::ToString;
-    use alloc::vec;
 
     const PAGES: usize = 64;
-    const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
-    const TICK_US: u64 = 1000;
     /// Bytes each direction carries per step: a raw page and a half, so a full copy takes tens
     /// of steps and the outbound queue fills.
     const CAPACITY: usize = 3000;
@@ -466,251 +460,6 @@ mod tests {
             outbound_high_water: 8 * 1024,
             ticks_per_step: 4,
             stall_timeout_us: 40 * TICK_US,
-        }
-    }
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        fn below(&mut self, bound: u64) -> u64 {
-            self.next_u64() % bound.max(1)
-        }
-    }
-
-    type Page = Box<[u8; PAGE_SIZE]>;
-
-    fn vcpu_blob() -> Vec<u8> {
-        let mut v = b"VCPU".to_vec();
-        v.extend_from_slice(&[1, 0, 0, 0]);
-        v.extend_from_slice(&4u32.to_le_bytes());
-        v.extend_from_slice(&[9, 8, 7, 6]);
-        v
-    }
-
-    struct FakeGuest {
-        pages: Vec<Page>,
-        /// What the guest itself wrote: the source's memory must always equal it.
-        expected: Vec<Page>,
-        dirty: Vec<bool>,
-        paused: bool,
-        throttle: u8,
-        destroyed: bool,
-        writes_per_step: u64,
-    }
-
-    impl FakeGuest {
-        fn new(rng: &mut Rng, writes_per_step: u64) -> Self {
-            let pages: Vec<Page> = (0..PAGES)
-                .map(|_| {
-                    let mut page: Page = Box::new([0; PAGE_SIZE]);
-                    match rng.below(3) {
-                        0 => {}
-                        1 => page.fill(rng.next_u64() as u8),
-                        _ => page
-                            .chunks_mut(8)
-                            .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes())),
-                    }
-                    page
-                })
-                .collect();
-            Self {
-                expected: pages.clone(),
-                pages,
-                dirty: vec![false; PAGES],
-                paused: false,
-                throttle: 0,
-                destroyed: false,
-                writes_per_step,
-            }
-        }
-
-        fn running(&self) -> bool {
-            !self.paused && !self.destroyed
-        }
-
-        fn run_slice(&mut self, rng: &mut Rng) {
-            if !self.running() {
-                return;
-            }
-            let writes = rng.below(self.writes_per_step + 1) * u64::from(100 - self.throttle) / 100;
-            for _ in 0..writes {
-                let page = rng.below(PAGES as u64) as usize;
-                let offset = rng.below(PAGE_SIZE as u64) as usize;
-                let value = rng.next_u64() as u8;
-                self.pages[page][offset] = value;
-                self.expected[page][offset] = value;
-                self.dirty[page] = true;
-            }
-        }
-    }
-
-    impl SourceGuest for FakeGuest {
-        fn page_count(&self) -> u64 {
-            PAGES as u64
-        }
-
-        fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
-            let p = self
-                .pages
-                .get(page as usize)
-                .ok_or(GuestError::PageOutOfRange { page })?;
-            out.copy_from_slice(&p[..]);
-            Ok(())
-        }
-
-        fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
-            let mut out = Vec::new();
-            for (page, dirty) in self.dirty.iter_mut().enumerate() {
-                if core::mem::take(dirty) {
-                    out.push(page as u64);
-                }
-            }
-            Ok(out)
-        }
-
-        fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
-            Ok(vec![vcpu_blob()])
-        }
-
-        fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
-            Ok(vec![(1, vec![0x16, 0x55])])
-        }
-    }
-
-    /// The destination's VM, with the digest kept up to date as pages land, the way the kernel
-    /// is meant to: one content hash per page, starting from the zeroed VM.
-    #[derive(Default)]
-    struct FakeHost {
-        pages: Vec<Page>,
-        hashes: Vec<u64>,
-        digest: MemoryDigest,
-        created: bool,
-        resumed: bool,
-        discarded: bool,
-        announced: Option<[u8; 6]>,
-        vcpus: Vec<Vec<u8>>,
-        devices: Vec<(u32, Vec<u8>)>,
-        refuse: Option<RefuseReason>,
-    }
-
-    impl DestinationHost for FakeHost {
-        fn admit(&mut self, config: &VmConfig, _peer: &Hello) -> Result<(), RefuseReason> {
-            if let Some(reason) = self.refuse.clone() {
-                return Err(reason);
-            }
-            let pages = config.mem_bytes / PAGE_SIZE as u64;
-            self.pages = (0..pages).map(|_| Box::new([0; PAGE_SIZE])).collect();
-            self.hashes = vec![ZERO_PAGE_CONTENT_HASH; pages as usize];
-            self.digest = MemoryDigest::zeroed(pages);
-            self.created = true;
-            Ok(())
-        }
-
-        fn write_page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), GuestError> {
-            let slot = self
-                .pages
-                .get_mut(page as usize)
-                .ok_or(GuestError::PageOutOfRange { page })?;
-            slot.copy_from_slice(data);
-            let new = content_hash(data);
-            self.digest.replace(page, self.hashes[page as usize], new);
-            self.hashes[page as usize] = new;
-            Ok(())
-        }
-
-        fn load_vcpu(&mut self, _vcpu: u32, state: &[u8]) -> Result<(), GuestError> {
-            self.vcpus.push(state.to_vec());
-            Ok(())
-        }
-
-        fn load_device(&mut self, device: u32, state: &[u8]) -> Result<(), GuestError> {
-            self.devices.push((device, state.to_vec()));
-            Ok(())
-        }
-    }
-
-    /// One direction of the network.
-    #[derive(Default)]
-    struct Channel {
-        bytes: VecDeque<u8>,
-        /// What the sender may still put in this step.
-        credit: usize,
-        /// Set by a cut: every call fails, and what was in flight is lost.
-        cut: bool,
-        /// Set by an orderly close: the receiver gets what is in flight, then `Closed`.
-        closed: bool,
-        /// Nothing moves (a peer that stopped reading, a zero window), and nobody is told.
-        frozen: bool,
-    }
-
-    struct End<'a> {
-        tx: &'a mut Channel,
-        rx: &'a mut Channel,
-    }
-
-    impl Pipe for End<'_> {
-        fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
-            if self.tx.cut || self.tx.closed {
-                return Err(PipeError::Closed);
-            }
-            if self.tx.frozen {
-                return Ok(0);
-            }
-            let n = data.len().min(self.tx.credit);
-            self.tx.credit -= n;
-            self.tx.bytes.extend(&data[..n]);
-            Ok(n)
-        }
-
-        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
-            if self.rx.cut {
-                return Err(PipeError::Closed);
-            }
-            if self.rx.frozen {
-                return Ok(0);
-            }
-            let n = buf.len().min(self.rx.bytes.len());
-            if n == 0 && self.rx.closed {
-                return Err(PipeError::Closed);
-            }
-            for (slot, byte) in buf.iter_mut().zip(self.rx.bytes.drain(..n)) {
-                *slot = byte;
-            }
-            Ok(n)
-        }
-    }
-
-    #[derive(Default)]
-    struct Net {
-        to_destination: Channel,
-        to_source: Channel,
-    }
-
-    impl Net {
-        fn source_end(&mut self) -> End<'_> {
-            End {
-                tx: &mut self.to_destination,
-                rx: &mut self.to_source,
-            }
-        }
-
-        fn destination_end(&mut self) -> End<'_> {
-            End {
-                tx: &mut self.to_source,
-                rx: &mut self.to_destination,
-            }
-        }
-
-        fn each(&mut self, f: impl Fn(&mut Channel)) {
-            f(&mut self.to_destination);
-            f(&mut self.to_source);
         }
     }
 
@@ -815,58 +564,14 @@ mod tests {
         }
     }
 
-    fn source_config() -> SourceConfig {
-        SourceConfig {
-            node_name: "node1".to_string(),
-            capabilities: Capabilities::KNOWN,
-            cpu_vendor: CpuVendor::Amd,
-            cpu_features: 0,
-            vm: VmConfig {
-                name: "guest".to_string(),
-                mem_bytes: (PAGES * PAGE_SIZE) as u64,
-                vcpus: 1,
-                dirty_rate: 0,
-                mac: MAC,
-                disk_id: None,
-            },
-            policy: PolicyConfig {
-                downtime_target_us: 2 * TICK_US,
-                max_rounds: 20,
-                throttle_after_rounds: 1,
-                ..PolicyConfig::default()
-            },
-            timeouts: timeouts(),
-            batch_pages: BATCH_PAGES,
-        }
-    }
-
-    fn timeouts() -> Timeouts {
-        Timeouts {
-            handshake_us: 50 * TICK_US,
-            pause_us: 20 * TICK_US,
-            idle_us: 50 * TICK_US,
-            commit_us: 50 * TICK_US,
-        }
-    }
-
     fn destination() -> Destination {
-        Destination::new(
-            DestinationConfig {
-                node_name: "node2".to_string(),
-                capabilities: Capabilities::KNOWN,
-                cpu_vendor: CpuVendor::Intel,
-                cpu_features: 0,
-                timeouts: timeouts(),
-            },
-            0,
-        )
-        .expect("valid destination config")
+        Destination::new(destination_config(), 0).expect("valid destination config")
     }
 
     fn migrate(seed: u64, writes_per_step: u64, fault: Fault, limits: DriverLimits) -> Run {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng::seeded(seed);
         let mut side = SourceSide {
-            guest: FakeGuest::new(&mut rng, writes_per_step),
+            guest: FakeGuest::new(&mut rng, PAGES, writes_per_step),
             in_doubt: false,
             throttled: false,
         };
@@ -874,7 +579,7 @@ mod tests {
         if fault == Fault::Refuse {
             host.refuse = Some(RefuseReason::Busy);
         }
-        let source = Source::new(source_config()).expect("valid source config");
+        let source = Source::new(source_config(PAGES, BATCH_PAGES)).expect("valid source config");
         let mut sdrv = SourceDriver::with_limits(source, limits);
         let mut ddrv = DestinationDriver::with_limits(destination(), limits);
         let mut net = Net::default();
@@ -953,48 +658,16 @@ mod tests {
     }
 
     fn check(run: &Run, fault: Fault) {
-        let ctx = || alloc::format!("{fault:?}, ended at step {}", run.steps);
-        assert!(run.steps < MAX_STEPS, "run did not finish: {}", ctx());
-        let source = run.source.source();
-        let destination = run.destination.destination();
-        match source.state() {
-            SourceState::Done => {
-                assert_eq!(destination.state(), DestinationState::Done, "{}", ctx());
-                assert!(run.host.resumed && !run.host.discarded, "{}", ctx());
-                assert!(run.guest.destroyed, "{}", ctx());
-                assert!(
-                    run.host.pages == run.guest.pages,
-                    "memory differs: {}",
-                    ctx()
-                );
-                let full = MemoryDigest::from_pages(
-                    run.guest
-                        .pages
-                        .iter()
-                        .enumerate()
-                        .map(|(i, p)| (i as u64, &**p)),
-                );
-                assert_eq!(run.host.digest, full, "digest differs: {}", ctx());
-                assert_eq!(run.host.vcpus, [vcpu_blob()], "{}", ctx());
-                assert_eq!(run.host.devices, [(1, vec![0x16, 0x55])], "{}", ctx());
-                assert_eq!(run.host.announced, Some(MAC), "{}", ctx());
-            }
-            SourceState::Failed => {
-                assert!(source.failure().is_some(), "{}", ctx());
-                assert!(!run.host.resumed, "VM runs on both nodes: {}", ctx());
-                assert!(run.guest.running(), "source VM not running: {}", ctx());
-                assert_eq!(run.guest.throttle, 0, "{}", ctx());
-                assert!(run.guest.pages == run.guest.expected, "{}", ctx());
-                assert_eq!(destination.state(), DestinationState::Failed, "{}", ctx());
-                assert_eq!(run.host.created, run.host.discarded, "copy kept: {}", ctx());
-            }
-            other => panic!("source ended in {other:?}: {}", ctx()),
-        }
-        assert!(
-            run.source.finished() && run.destination.finished(),
-            "{}",
-            ctx()
+        let ctx = alloc::format!("{fault:?}, ended at step {}", run.steps);
+        assert!(run.steps < MAX_STEPS, "run did not finish: {ctx}");
+        check_outcome(
+            run.source.source(),
+            run.destination.destination(),
+            &run.guest,
+            &run.host,
+            &ctx,
         );
+        assert!(run.source.finished() && run.destination.finished(), "{ctx}");
     }
 
     #[test]
@@ -1169,8 +842,7 @@ mod tests {
     fn garbage_from_the_peer_aborts_without_a_panic() {
         let mut host = FakeHost::default();
         let mut ddrv = DestinationDriver::with_limits(destination(), limits());
-        let mut net = Net::default();
-        net.each(|c| c.credit = usize::MAX);
+        let mut net = Net::unlimited();
         net.to_destination.bytes.extend(b"SSH-2.0-OpenSSH_9.6\r\n");
         let actions = ddrv.step(0, &mut net.destination_end(), &mut host);
         assert!(actions.is_empty(), "no VM was created, nothing to discard");
@@ -1195,11 +867,13 @@ mod tests {
 
         // The source, mid pre-copy: the VM is released and an abort goes out.
         let mut rng = Rng(5);
-        let mut guest = FakeGuest::new(&mut rng, 0);
-        let mut sdrv = SourceDriver::with_limits(Source::new(source_config()).unwrap(), limits());
+        let mut guest = FakeGuest::new(&mut rng, PAGES, 0);
+        let mut sdrv = SourceDriver::with_limits(
+            Source::new(source_config(PAGES, BATCH_PAGES)).unwrap(),
+            limits(),
+        );
         sdrv.start(0);
-        let mut net = Net::default();
-        net.each(|c| c.credit = usize::MAX);
+        let mut net = Net::unlimited();
         let mut peer = FrameLink::new();
         peer.queue(&Message::Hello(Hello {
             min_version: 1,
@@ -1227,8 +901,8 @@ mod tests {
     #[test]
     fn start_actions_and_cancel_go_through_the_driver() {
         let mut rng = Rng(9);
-        let mut guest = FakeGuest::new(&mut rng, 0);
-        let mut sdrv = SourceDriver::new(Source::new(source_config()).unwrap());
+        let mut guest = FakeGuest::new(&mut rng, PAGES, 0);
+        let mut sdrv = SourceDriver::new(Source::new(source_config(PAGES, BATCH_PAGES)).unwrap());
         sdrv.start(0);
         assert!(sdrv.link().queued() > 0, "the hello is queued");
         let mut net = Net::default();

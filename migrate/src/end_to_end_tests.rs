@@ -4,197 +4,21 @@
 //! either the migration committed and the destination memory equals the source's, or the source
 //! VM runs on, unpaused, unthrottled and untouched, and the destination discarded its copy.
 //!
-//! The dirty log here is a small bitset rather than vmx's `DirtyBitmap`: `migrate` must not depend
-//! on vmx (see the crate docs), and the state machines only see the `SourceGuest` trait anyway.
+//! The fake guest, host and configurations come from [`crate::testing`].
 
-use alloc::boxed::Box;
-use alloc::string::ToString;
-use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::destination::{
-    Destination, DestinationAction, DestinationConfig, DestinationHost, DestinationState,
-};
+use crate::destination::{Destination, DestinationAction, DestinationConfig, DestinationState};
 use crate::frame::FrameDecoder;
-use crate::machine::{Failure, GuestError, Output, Timeouts};
-use crate::message::{
-    AbortReason, Capabilities, CpuVendor, Hello, Message, RefuseReason, VmConfig, PAGE_SIZE,
+use crate::machine::{Failure, Output};
+use crate::message::{AbortReason, Message, RefuseReason};
+use crate::source::{Source, SourceAction, SourceConfig, SourceState};
+use crate::testing::{
+    check_outcome, destination_config, source_config, FakeGuest, FakeHost, Rng, TICK_US,
 };
-use crate::policy::PolicyConfig;
-use crate::source::{Source, SourceAction, SourceConfig, SourceGuest, SourceState};
 
 const PAGES: usize = 128;
-const MAC: [u8; 6] = [0x52, 0x54, 0, 0xAA, 0xBB, 0xCC];
-const TICK_US: u64 = 1000;
 const MAX_TICKS: u64 = 20_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next_u64() % bound.max(1)
-    }
-}
-
-type Page = Box<[u8; PAGE_SIZE]>;
-
-fn vcpu_blob() -> Vec<u8> {
-    let mut v = b"VCPU".to_vec();
-    v.extend_from_slice(&[1, 0, 0, 0]);
-    v.extend_from_slice(&4u32.to_le_bytes());
-    v.extend_from_slice(&[9, 8, 7, 6]);
-    v
-}
-
-struct FakeGuest {
-    pages: Vec<Page>,
-    /// What the guest itself wrote: the source's memory must always equal it.
-    expected: Vec<Page>,
-    dirty: Vec<u64>,
-    paused: bool,
-    throttle: u8,
-    destroyed: bool,
-    writes_per_tick: u64,
-}
-
-impl FakeGuest {
-    fn new(rng: &mut Rng, writes_per_tick: u64) -> Self {
-        let mut pages = Vec::new();
-        for _ in 0..PAGES {
-            let mut page: Page = Box::new([0u8; PAGE_SIZE]);
-            match rng.below(3) {
-                0 => {}
-                1 => page.fill(rng.next_u64() as u8),
-                _ => page
-                    .chunks_mut(8)
-                    .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes())),
-            }
-            pages.push(page);
-        }
-        Self {
-            expected: pages.clone(),
-            pages,
-            dirty: vec![0; PAGES.div_ceil(64)],
-            paused: false,
-            throttle: 0,
-            destroyed: false,
-            writes_per_tick,
-        }
-    }
-
-    fn running(&self) -> bool {
-        !self.paused && !self.destroyed
-    }
-
-    /// The guest's own work: random writes, fewer when throttled.
-    fn run_slice(&mut self, rng: &mut Rng) {
-        if !self.running() {
-            return;
-        }
-        let writes = rng.below(self.writes_per_tick + 1) * u64::from(100 - self.throttle) / 100;
-        for _ in 0..writes {
-            let page = rng.below(PAGES as u64) as usize;
-            let offset = rng.below(PAGE_SIZE as u64) as usize;
-            let value = rng.next_u64() as u8;
-            self.pages[page][offset] = value;
-            self.expected[page][offset] = value;
-            self.dirty[page / 64] |= 1 << (page % 64);
-        }
-    }
-}
-
-impl SourceGuest for FakeGuest {
-    fn page_count(&self) -> u64 {
-        PAGES as u64
-    }
-
-    fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
-        let p = self
-            .pages
-            .get(page as usize)
-            .ok_or(GuestError::PageOutOfRange { page })?;
-        out.copy_from_slice(&p[..]);
-        Ok(())
-    }
-
-    fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
-        let mut out = Vec::new();
-        for (w, word) in self.dirty.iter_mut().enumerate() {
-            for bit in 0..64 {
-                if *word & (1 << bit) != 0 {
-                    out.push((w * 64 + bit) as u64);
-                }
-            }
-            *word = 0;
-        }
-        Ok(out)
-    }
-
-    fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
-        Ok(vec![vcpu_blob()])
-    }
-
-    fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
-        Ok(vec![(1, vec![0x16, 0x55, 0x0A])])
-    }
-}
-
-#[derive(Default)]
-struct FakeHost {
-    pages: Vec<Page>,
-    created: bool,
-    resumed: bool,
-    discarded: bool,
-    announced: Option<[u8; 6]>,
-    vcpus: Vec<Vec<u8>>,
-    devices: Vec<(u32, Vec<u8>)>,
-    refuse: Option<RefuseReason>,
-    fail_write_at: Option<u64>,
-    writes: u64,
-}
-
-impl DestinationHost for FakeHost {
-    fn admit(&mut self, config: &VmConfig, _peer: &Hello) -> Result<(), RefuseReason> {
-        if let Some(reason) = self.refuse.clone() {
-            return Err(reason);
-        }
-        self.pages = (0..config.mem_bytes / PAGE_SIZE as u64)
-            .map(|_| Box::new([0u8; PAGE_SIZE]))
-            .collect();
-        self.created = true;
-        Ok(())
-    }
-
-    fn write_page(&mut self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), GuestError> {
-        if self.fail_write_at == Some(self.writes) {
-            return Err(GuestError::Failed("page write failed"));
-        }
-        self.writes += 1;
-        let p = self
-            .pages
-            .get_mut(page as usize)
-            .ok_or(GuestError::PageOutOfRange { page })?;
-        p.copy_from_slice(data);
-        Ok(())
-    }
-
-    fn load_vcpu(&mut self, _vcpu: u32, state: &[u8]) -> Result<(), GuestError> {
-        self.vcpus.push(state.to_vec());
-        Ok(())
-    }
-
-    fn load_device(&mut self, device: u32, state: &[u8]) -> Result<(), GuestError> {
-        self.devices.push((device, state.to_vec()));
-        Ok(())
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -273,24 +97,6 @@ struct Run {
     throttled: bool,
 }
 
-fn policy() -> PolicyConfig {
-    PolicyConfig {
-        downtime_target_us: 2 * TICK_US,
-        max_rounds: 20,
-        throttle_after_rounds: 1,
-        ..PolicyConfig::default()
-    }
-}
-
-fn timeouts() -> Timeouts {
-    Timeouts {
-        handshake_us: 50 * TICK_US,
-        pause_us: 20 * TICK_US,
-        idle_us: 50 * TICK_US,
-        commit_us: 50 * TICK_US,
-    }
-}
-
 /// Delivers every complete frame in `decoder`; `Err` if the stream broke.
 fn receive(decoder: &mut FrameDecoder) -> Result<Vec<Message>, ()> {
     let mut messages = Vec::new();
@@ -304,8 +110,8 @@ fn receive(decoder: &mut FrameDecoder) -> Result<Vec<Message>, ()> {
 }
 
 fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut guest = FakeGuest::new(&mut rng, writes_per_tick);
+    let mut rng = Rng::seeded(seed);
+    let mut guest = FakeGuest::new(&mut rng, PAGES, writes_per_tick);
     let mut host = FakeHost::default();
     if let Fault::WriteFails { at } = fault {
         host.fail_write_at = Some(at);
@@ -314,30 +120,14 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
         host.refuse = Some(RefuseReason::NotEnoughMemory { free_bytes: 4096 });
     }
     let mut source = Source::new(SourceConfig {
-        node_name: "node1".to_string(),
-        capabilities: Capabilities::KNOWN,
-        cpu_vendor: CpuVendor::Amd,
         cpu_features: 0xF,
-        vm: VmConfig {
-            name: "guest".to_string(),
-            mem_bytes: (PAGES * PAGE_SIZE) as u64,
-            vcpus: 1,
-            dirty_rate: 0,
-            mac: MAC,
-            disk_id: None,
-        },
-        policy: policy(),
-        timeouts: timeouts(),
-        batch_pages: 8,
+        ..source_config(PAGES, 8)
     })
     .expect("valid source config");
     let mut destination = Destination::new(
         DestinationConfig {
-            node_name: "node2".to_string(),
-            capabilities: Capabilities::KNOWN,
-            cpu_vendor: CpuVendor::Intel,
             cpu_features: 0xFF,
-            timeouts: timeouts(),
+            ..destination_config()
         },
         0,
     )
@@ -454,39 +244,10 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
 
 /// The failure rule of the issue, checked on a finished run.
 fn check(run: &Run, fault: Fault) {
-    let ctx = || alloc::format!("{fault:?}, ended at tick {}", run.ticks);
-    assert!(run.ticks < MAX_TICKS, "run did not finish: {}", ctx());
-    assert!(run.commit_acks <= 1, "{}", ctx());
-    match run.source.state() {
-        SourceState::Done => {
-            assert_eq!(run.destination.state(), DestinationState::Done, "{}", ctx());
-            assert!(run.host.resumed && !run.host.discarded, "{}", ctx());
-            assert!(run.guest.destroyed, "{}", ctx());
-            assert!(
-                run.host.pages == run.guest.pages,
-                "memory differs: {}",
-                ctx()
-            );
-            assert_eq!(run.host.vcpus, [vcpu_blob()], "{}", ctx());
-            assert_eq!(run.host.devices, [(1, vec![0x16, 0x55, 0x0A])], "{}", ctx());
-            assert_eq!(run.host.announced, Some(MAC), "{}", ctx());
-        }
-        SourceState::Failed => {
-            assert!(run.source.failure().is_some(), "{}", ctx());
-            assert!(!run.host.resumed, "VM runs on both nodes: {}", ctx());
-            assert!(run.guest.running(), "source VM not running: {}", ctx());
-            assert_eq!(run.guest.throttle, 0, "{}", ctx());
-            assert!(run.guest.pages == run.guest.expected, "{}", ctx());
-            assert_eq!(
-                run.destination.state(),
-                DestinationState::Failed,
-                "{}",
-                ctx()
-            );
-            assert_eq!(run.host.created, run.host.discarded, "copy kept: {}", ctx());
-        }
-        other => panic!("source ended in {other:?}: {}", ctx()),
-    }
+    let ctx = alloc::format!("{fault:?}, ended at tick {}", run.ticks);
+    assert!(run.ticks < MAX_TICKS, "run did not finish: {ctx}");
+    assert!(run.commit_acks <= 1, "{ctx}");
+    check_outcome(&run.source, &run.destination, &run.guest, &run.host, &ctx);
 }
 
 #[test]

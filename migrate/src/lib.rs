@@ -41,5 +41,7 @@ pub mod source;
 
 #[cfg(test)]
 mod end_to_end_tests;
+#[cfg(test)]
+mod testing;
 
 pub use frame::{encode, Frame, FrameDecoder, FrameError, FrameKind};

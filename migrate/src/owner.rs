@@ -147,77 +147,21 @@ impl OwnerResponder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::link::PipeError;
-    use alloc::collections::VecDeque;
+    use crate::testing::Net;
     use alloc::vec::Vec;
 
-    /// Two queues of bytes; `cut` makes both ends fail.
-    #[derive(Default)]
-    struct Wire {
-        a_to_b: VecDeque<u8>,
-        b_to_a: VecDeque<u8>,
-        cut: bool,
-    }
-
-    struct End<'a> {
-        wire: &'a mut Wire,
-        is_a: bool,
-    }
-
-    impl Pipe for End<'_> {
-        fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
-            if self.wire.cut {
-                return Err(PipeError::Reset);
-            }
-            let q = if self.is_a {
-                &mut self.wire.a_to_b
-            } else {
-                &mut self.wire.b_to_a
-            };
-            q.extend(data.iter().copied());
-            Ok(data.len())
-        }
-        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
-            if self.wire.cut {
-                return Err(PipeError::Reset);
-            }
-            let q = if self.is_a {
-                &mut self.wire.b_to_a
-            } else {
-                &mut self.wire.a_to_b
-            };
-            let n = buf.len().min(q.len());
-            for (slot, byte) in buf.iter_mut().zip(q.drain(..n)) {
-                *slot = byte;
-            }
-            Ok(n)
-        }
-    }
-
+    /// The client on the source's end of the connection, the responder on the destination's.
     fn run(answer: Ownership) -> QueryState {
-        let mut wire = Wire::default();
+        let mut net = Net::unlimited();
         let mut client = OwnerQueryClient::new("vm1", 0);
         let mut responder = OwnerResponder::new(0);
         let mut asked = Vec::new();
         for t in 0..10 {
-            client.step(
-                t,
-                &mut End {
-                    wire: &mut wire,
-                    is_a: true,
-                },
-            );
-            responder.step(
-                t,
-                &mut End {
-                    wire: &mut wire,
-                    is_a: false,
-                },
-                |vm| {
-                    asked.push(vm.to_string());
-                    answer
-                },
-            );
+            client.step(t, &mut net.source_end());
+            responder.step(t, &mut net.destination_end(), |vm| {
+                asked.push(vm.to_string());
+                answer
+            });
         }
         assert_eq!(asked, ["vm1"]);
         client.state().clone()
@@ -232,28 +176,15 @@ mod tests {
 
     #[test]
     fn a_lost_connection_or_silence_fails_the_query() {
-        let mut wire = Wire {
-            cut: true,
-            ..Wire::default()
-        };
+        let mut net = Net::unlimited();
+        net.each(|c| c.cut = true);
         let mut client = OwnerQueryClient::new("vm1", 0);
-        let state = client
-            .step(
-                1,
-                &mut End {
-                    wire: &mut wire,
-                    is_a: true,
-                },
-            )
-            .clone();
+        let state = client.step(1, &mut net.source_end()).clone();
         assert!(matches!(state, QueryState::Failed(_)), "{state:?}");
 
-        let mut wire = Wire::default();
+        let mut net = Net::unlimited();
         let mut client = OwnerQueryClient::new("vm1", 0);
-        let mut end = End {
-            wire: &mut wire,
-            is_a: true,
-        };
+        let mut end = net.source_end();
         assert_eq!(client.step(1, &mut end), &QueryState::Waiting);
         let state = client.step(QUERY_TIMEOUT_US, &mut end).clone();
         assert_eq!(state, QueryState::Failed("no answer in time".to_string()));
@@ -261,54 +192,35 @@ mod tests {
 
     #[test]
     fn a_reply_about_another_vm_or_garbage_is_no_answer() {
-        let mut wire = Wire::default();
+        let mut net = Net::unlimited();
         let mut link = FrameLink::new();
         link.queue(&Message::OwnerReply {
             vm: "other".to_string(),
             ownership: Ownership::Runs,
         })
         .unwrap();
-        link.flush(&mut End {
-            wire: &mut wire,
-            is_a: false,
-        })
-        .unwrap();
+        link.flush(&mut net.destination_end()).unwrap();
         let mut client = OwnerQueryClient::new("vm1", 0);
-        let state = client
-            .step(
-                1,
-                &mut End {
-                    wire: &mut wire,
-                    is_a: true,
-                },
-            )
-            .clone();
+        let state = client.step(1, &mut net.source_end()).clone();
         assert!(matches!(state, QueryState::Failed(_)), "{state:?}");
 
-        let mut wire = Wire::default();
-        wire.a_to_b
+        let mut net = Net::unlimited();
+        net.to_destination
+            .bytes
             .extend(b"GET / HTTP/1.0\r\n\r\n".iter().copied());
         let mut responder = OwnerResponder::new(0);
-        let done = responder.step(
-            1,
-            &mut End {
-                wire: &mut wire,
-                is_a: false,
-            },
-            |_| panic!("garbage must not be answered"),
-        );
+        let done = responder.step(1, &mut net.destination_end(), |_| {
+            panic!("garbage must not be answered")
+        });
         assert!(done);
-        assert!(wire.b_to_a.is_empty());
+        assert!(net.to_source.bytes.is_empty());
     }
 
     #[test]
     fn a_silent_client_is_dropped_at_the_deadline() {
-        let mut wire = Wire::default();
+        let mut net = Net::unlimited();
         let mut responder = OwnerResponder::new(0);
-        let mut end = End {
-            wire: &mut wire,
-            is_a: false,
-        };
+        let mut end = net.destination_end();
         assert!(!responder.step(1, &mut end, |_| Ownership::Absent));
         assert!(responder.step(QUERY_TIMEOUT_US, &mut end, |_| Ownership::Absent));
     }

@@ -38,6 +38,7 @@
 //! timeout given or [`Console::set_default_timeout`].
 
 pub mod hub;
+pub mod linux_guest;
 
 use std::fmt;
 use std::fs::{self, File};

@@ -14,12 +14,11 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use tests::linux_guest::{build_initramfs, free_port, linux_dir, linux_package, Guest};
 
 /// What the sender moves: the amount of our 64 MiB `net send`.
 const BYTES: u64 = 64 << 20;
@@ -27,17 +26,12 @@ const BYTES: u64 = 64 << 20;
 /// Bounds the whole run (boot ~6 s each, the transfer ~10 s at the expected ~6-10 MB/s).
 const DEADLINE: Duration = Duration::from_secs(150);
 
-/// The guests' /init: role from the kernel command line (`baseline.role=recv|send`). The
-/// receiver's nc reads its standard input from a FIFO nobody writes (an EOF there would make
-/// busybox nc shut its side down at once); the sender's nc shuts down its side at the end of the
-/// data, and exits when the receiver, having read everything, closes. Both power off at the end.
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-role=recv
+/// The guests' /init (after `linux_guest::INIT_START`): role from the kernel command line
+/// (`baseline.role=recv|send`). The receiver's nc reads its standard input from a FIFO nobody
+/// writes (an EOF there would make busybox nc shut its side down at once); the sender's nc shuts
+/// down its side at the end of the data, and exits when the receiver, having read everything,
+/// closes. Both power off at the end.
+const INIT: &str = r#"role=recv
 for w in $(cat /proc/cmdline); do
     case "$w" in baseline.role=*) role="${w#baseline.role=}" ;; esac
 done
@@ -68,121 +62,30 @@ fi
 poweroff -f
 "#;
 
-/// A QEMU guest, stopped (by PID) when dropped.
-struct Guest {
-    child: Child,
-    serial: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Guest {
-    fn start(dir: &Path, role: &str, link: &str, mac: &str) -> io::Result<Guest> {
-        let lb = linux_dir();
-        let serial = dir.join(format!("{role}.serial.log"));
-        let stderr = dir.join(format!("{role}.qemu.log"));
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-smp", "1", "-m", "256"])
-            .args(["-display", "none", "-monitor", "none", "-parallel", "none"])
-            .args(["-no-reboot", "-kernel"])
-            .arg(lb.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(dir.join("initramfs.cpio"))
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=1 baseline.role={role}"))
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .args(["-netdev", &format!("socket,id=link,{link}")])
-            .args(["-device", &format!("e1000,netdev=link,mac={mac}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(fs::File::create(&stderr)?));
-        // SAFETY: only an async-signal-safe libc call between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // The emulator dies with this thread, whatever kills it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn()?;
-        Ok(Guest {
-            child,
-            serial,
-            stderr,
-        })
-    }
-
-    fn serial(&self) -> String {
-        fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    fn diagnostics(&self) -> String {
-        let tail = |p: &Path| tests::tail_of_file(p, 3000);
-        format!(
-            "--- {}:\n{}\n--- {}:\n{}",
-            self.serial.display(),
-            tail(&self.serial),
-            self.stderr.display(),
-            tail(&self.stderr)
-        )
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// target/linux-baseline/: vmlinuz, e1000.ko and `package` (the Debian package they came from).
-fn linux_dir() -> PathBuf {
-    tests::target_dir().join("linux-baseline")
-}
-
-/// Builds DIR/initramfs.cpio (newc): busybox, the e1000 module, /init.
-fn build_initramfs(dir: &Path) -> Result<(), String> {
-    let busybox = ["/usr/bin/busybox", "/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-        .ok_or("no busybox: run scripts/setup.sh (Debian busybox-static)")?;
-    let root = dir.join("initramfs");
-    for sub in ["bin", "dev", "proc", "sys"] {
-        fs::create_dir_all(root.join(sub)).map_err(|e| format!("{}: {e}", root.display()))?;
-    }
-    let copy = |from: &Path, to: &str| {
-        fs::copy(from, root.join(to)).map_err(|e| format!("copying {}: {e}", from.display()))
-    };
-    copy(busybox, "bin/busybox")?;
-    copy(&linux_dir().join("e1000.ko"), "e1000.ko")?;
-    let init = INIT.replace("COUNT", &(BYTES / 65536).to_string());
-    fs::write(root.join("init"), init).map_err(|e| format!("writing init: {e}"))?;
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("chmod 755 init bin/busybox && find . | cpio -o -H newc --quiet > ../initramfs.cpio")
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running cpio: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building the initramfs failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
-/// Whether something listens on 127.0.0.1:`port` (TCP, /proc/net/tcp state 0A).
-fn listening(port: u16) -> bool {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&needle))
+/// A guest of the emulated link: `role` (recv or send), QEMU's `-netdev socket` option
+/// `link` (listen= or connect=), its NIC's `mac`.
+fn start_guest(dir: &Path, role: &str, link: &str, mac: &str) -> io::Result<Guest> {
+    Guest::start(
+        dir,
+        role,
+        &format!("console=ttyS0 quiet panic=1 baseline.role={role}"),
+        &[
+            "-cpu",
+            "EPYC",
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-parallel",
+            "none",
+            "-netdev",
+            &format!("socket,id=link,{link}"),
+            "-device",
+            &format!("e1000,netdev=link,mac={mac}"),
+        ],
+    )
 }
 
 /// The value of `key=` on the line of `out` that starts with `marker`.
@@ -208,44 +111,28 @@ fn our_figures(text: &str) -> Vec<(String, f64)> {
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn linux_baseline_tcp_throughput() {
     let started = Instant::now();
-    let lb = linux_dir();
-    let package = fs::read_to_string(lb.join("package")).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: run scripts/setup.sh (it fetches the baseline's Linux kernel)",
-            lb.join("package").display()
-        )
-    });
-    let package = package.trim();
+    let package = linux_package();
     let dir = tests::target_dir()
         .join("e2e")
         .join(format!("linux_baseline-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    build_initramfs(&dir).unwrap();
+    let init = INIT.replace("COUNT", &(BYTES / 65536).to_string());
+    let e1000 = linux_dir().join("e1000.ko");
+    build_initramfs(&dir, &init, &[(&e1000, "e1000.ko")]).unwrap();
 
     // A free port for the link (the receiver's QEMU listens on it, the sender's connects).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let mut recv = Guest::start(
+    let port = free_port();
+    let mut recv = start_guest(
         &dir,
         "recv",
         &format!("listen=127.0.0.1:{port}"),
         "52:54:00:00:03:01",
     )
     .unwrap();
-    let mut waited = 0;
-    while !listening(port) {
-        assert!(
-            waited < 200 && matches!(recv.child.try_wait(), Ok(None)),
-            "the receiver's QEMU does not listen on 127.0.0.1:{port}\n{}",
-            recv.diagnostics()
-        );
-        thread::sleep(Duration::from_millis(100));
-        waited += 1;
-    }
-    let send = Guest::start(
+    recv.wait_listening(port, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the receiver: {e}"));
+    let send = start_guest(
         &dir,
         "send",
         &format!("connect=127.0.0.1:{port}"),
@@ -256,9 +143,7 @@ fn linux_baseline_tcp_throughput() {
     // Both guests power off once the transfer is over (bounded: DEADLINE).
     let mut guests = [recv, send];
     loop {
-        let done = guests
-            .iter_mut()
-            .all(|g| matches!(g.child.try_wait(), Ok(Some(_))));
+        let done = guests.iter_mut().all(|g| !g.running());
         if done {
             break;
         }

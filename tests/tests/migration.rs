@@ -307,6 +307,24 @@ fn wait_until_sending(c: &mut Console) {
     panic!("the migration never started sending");
 }
 
+/// Two nodes; vm1, dirtying 2000 pages/s, starts on node1 and its migration to node2 is under
+/// way when `interrupt` strikes the cluster mid-copy: the migration fails and the VM stays on
+/// node1 (checked here). Returns the cluster for the rest of the test.
+fn interrupt_migration(interrupt: impl FnOnce(&mut Cluster)) -> Cluster {
+    let mut cluster = two_nodes(false);
+    start_guest(&mut cluster, 1, 2000);
+    cluster
+        .console(1)
+        .command_amid_output("migrate vm1 node2")
+        .unwrap();
+    wait_until_sending(cluster.console(1));
+    interrupt(&mut cluster);
+    let line = wait_failed_on_node1(&mut cluster);
+    eprintln!("{line}");
+    assert_stayed_on_node1(&mut cluster);
+    cluster
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -446,17 +464,7 @@ fn lost_commit_acknowledgement_is_settled_by_asking_the_destination() {
 #[test]
 #[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
 fn link_cut_mid_migration_leaves_the_vm_on_the_source() {
-    let mut cluster = two_nodes(false);
-    start_guest(&mut cluster, 1, 2000);
-    cluster
-        .console(1)
-        .command_amid_output("migrate vm1 node2")
-        .unwrap();
-    wait_until_sending(cluster.console(1));
-    cluster.set_cluster_link(2, false).unwrap();
-    let line = wait_failed_on_node1(&mut cluster);
-    eprintln!("{line}");
-    assert_stayed_on_node1(&mut cluster);
+    let mut cluster = interrupt_migration(|cluster| cluster.set_cluster_link(2, false).unwrap());
     cluster
         .console(2)
         .expect("incoming migration of vm1 failed", MIGRATION)
@@ -472,17 +480,7 @@ fn link_cut_mid_migration_leaves_the_vm_on_the_source() {
 #[test]
 #[ignore = "boots two QEMU nodes; run by ./run-tests.sh"]
 fn destination_killed_mid_migration_leaves_the_vm_on_the_source() {
-    let mut cluster = two_nodes(false);
-    start_guest(&mut cluster, 1, 2000);
-    cluster
-        .console(1)
-        .command_amid_output("migrate vm1 node2")
-        .unwrap();
-    wait_until_sending(cluster.console(1));
-    cluster.kill_node(2).unwrap();
-    let line = wait_failed_on_node1(&mut cluster);
-    eprintln!("{line}");
-    assert_stayed_on_node1(&mut cluster);
+    let cluster = interrupt_migration(|cluster| cluster.kill_node(2).unwrap());
     // The killed node is expected to be gone; stop the rest.
     drop(cluster);
 }

@@ -7,7 +7,7 @@
 //! `auto-converge` capability. The figures go to target/bench/qemu-migration.txt.
 //!
 //! The guest is the Linux kernel of the network baseline (target/linux-baseline/vmlinuz, put
-//! there by scripts/setup.sh) with a busybox initramfs built here (the same recipe as
+//! there by scripts/setup.sh) with a busybox initramfs built here (`tests::linux_guest`, as for
 //! baseline.rs, without the e1000 module: no NIC). It fails only when QEMU does not start or the
 //! idle migration does not complete: a dirty run that does not converge is a figure.
 //! By hand: `cargo test -p tests --test qemu_migration -- --include-ignored`.
@@ -16,13 +16,13 @@ use std::cell::Cell;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write as _};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use tests::linux_guest::{build_initramfs, free_port, linux_dir, linux_package, Guest};
 
 const COMMAND: &str = "cargo test -p tests --test qemu_migration -- --include-ignored";
 
@@ -43,20 +43,15 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(40);
 /// for the final copy, so it sizes the dirtied file below.
 const DOWNTIME_LIMIT_MS: u64 = 300;
 
-/// The guests' /init. `qmig.workload=idle|dirty=<pages/s>` and `qmig.pages=<file pages>` come
-/// from the kernel command line. A heartbeat line every second shows, on the destination's
-/// serial, that the migrated guest runs on (its count continues the source's). The dirtier
-/// writes non-zero data (QEMU sends a zero page as a flag only, so rewriting zeros would cost
-/// the migration nothing), one dd of `batch` pages at a time, paced by /proc/uptime
-/// (centiseconds; "1$frac - 100" keeps "08" from reading as octal), forgetting any backlog over
-/// one second (a throttled vCPU falls behind, and catching up in a burst is not the workload).
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-work=idle
+/// The guests' /init (after `linux_guest::INIT_START`). `qmig.workload=idle|dirty=<pages/s>`
+/// and `qmig.pages=<file pages>` come from the kernel command line. A heartbeat line every
+/// second shows, on the destination's serial, that the migrated guest runs on (its count
+/// continues the source's). The dirtier writes non-zero data (QEMU sends a zero page as a flag
+/// only, so rewriting zeros would cost the migration nothing), one dd of `batch` pages at a
+/// time, paced by /proc/uptime (centiseconds; "1$frac - 100" keeps "08" from reading as octal),
+/// forgetting any backlog over one second (a throttled vCPU falls behind, and catching up in a
+/// burst is not the workload).
+const INIT: &str = r#"work=idle
 pages=2048
 for w in $(cat /proc/cmdline); do
     case "$w" in
@@ -113,78 +108,47 @@ dirty=*)
 esac
 "#;
 
-/// One QEMU process, stopped (by PID) when dropped.
+/// One QEMU guest with a QMP socket (removed when dropped).
 struct Vm {
-    child: Child,
-    serial: PathBuf,
-    stderr: PathBuf,
+    guest: Guest,
     qmp: PathBuf,
 }
 
 impl Vm {
     /// `incoming`: the port of `-incoming tcp:127.0.0.1:PORT` (a destination).
     fn start(setup: &Setup, name: &str, append: &str, incoming: Option<u16>) -> io::Result<Vm> {
-        let dir = setup.dir;
-        let serial = dir.join(format!("{name}.serial.log"));
-        let stderr = dir.join(format!("{name}.qemu.log"));
         let qmp = setup.sockets.join(format!("{name}.qmp"));
-        let mem_mib = setup.mem_mib;
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mem_mib = setup.mem_mib.to_string();
+        let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+        let incoming = incoming.map(|port| format!("tcp:127.0.0.1:{port}"));
         // -nodefaults: no VGA (its 16 MiB of VRAM would migrate too), no NIC, no monitor; the
         // destination must be the same machine, so both get exactly these arguments.
-        cmd.args(["-accel", "tcg", "-smp", "1", "-m", &mem_mib.to_string()])
-            .args(["-nodefaults", "-display", "none", "-no-reboot", "-kernel"])
-            .arg(linux_dir().join("vmlinuz"))
-            .arg("-initrd")
-            .arg(dir.join("initramfs.cpio"))
-            .arg("-append")
-            .arg(append)
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        if let Some(port) = incoming {
-            cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+        let mut args = vec![
+            "-m",
+            &mem_mib,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            &qmp_arg,
+        ];
+        if let Some(uri) = &incoming {
+            args.extend(["-incoming", uri]);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(fs::File::create(&stderr)?));
-        // SAFETY: only an async-signal-safe libc call between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // The emulator dies with this thread, whatever kills it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn()?;
-        Ok(Vm {
-            child,
-            serial,
-            stderr,
-            qmp,
-        })
+        let guest = Guest::start(setup.dir, name, append, &args)?;
+        Ok(Vm { guest, qmp })
     }
 
     fn serial(&self) -> String {
-        fs::read_to_string(&self.serial).unwrap_or_default()
+        self.guest.serial()
     }
 
     fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.guest.running()
     }
 
     fn diagnostics(&self) -> String {
-        let tail = |p: &Path| tests::tail_of_file(p, 2000);
-        format!(
-            "--- {}:\n{}\n--- {}:\n{}",
-            self.serial.display(),
-            tail(&self.serial),
-            self.stderr.display(),
-            tail(&self.stderr)
-        )
+        self.guest.diagnostics()
     }
 
     /// Connects to the QMP socket, which appears shortly after QEMU starts.
@@ -233,10 +197,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        // QEMU itself stops when `guest` is dropped, right after this.
         let _ = fs::remove_file(&self.qmp);
     }
 }
@@ -496,11 +457,6 @@ impl JsonParser<'_> {
     }
 }
 
-/// target/linux-baseline/: vmlinuz and `package` (the Debian package it came from).
-fn linux_dir() -> PathBuf {
-    tests::target_dir().join("linux-baseline")
-}
-
 /// Guest RAM: 64 MiB (our VMs' size) when the kernel fits, else the smallest multiple of
 /// 16 MiB that boots it. Debian's generic kernel decompresses to its preferred address (16 MiB)
 /// and needs `init_size` (~64 MiB) above it, so it cannot start in 64 MiB at all; 80 MiB gets it
@@ -528,51 +484,6 @@ fn guest_mib(vmlinuz: &Path) -> Result<u64, String> {
     let need = u64_at(0x258).unwrap_or(0) + u64::from(u32_at(0x260).unwrap_or(0));
     let mib = (need >> 20) + 1 + 16;
     Ok(mib.div_ceil(16).max(4) * 16)
-}
-
-/// Builds DIR/initramfs.cpio (newc): busybox and /init (baseline.rs's recipe, no module).
-fn build_initramfs(dir: &Path) -> Result<(), String> {
-    let busybox = ["/usr/bin/busybox", "/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-        .ok_or("no busybox: run scripts/setup.sh (Debian busybox-static)")?;
-    let root = dir.join("initramfs");
-    for sub in ["bin", "dev", "proc", "sys"] {
-        fs::create_dir_all(root.join(sub)).map_err(|e| format!("{}: {e}", root.display()))?;
-    }
-    fs::copy(busybox, root.join("bin/busybox"))
-        .map_err(|e| format!("copying {}: {e}", busybox.display()))?;
-    fs::write(root.join("init"), INIT).map_err(|e| format!("writing init: {e}"))?;
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("chmod 755 init bin/busybox && find . | cpio -o -H newc --quiet > ../initramfs.cpio")
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running cpio: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building the initramfs failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
-/// A free loopback port (a small race with other processes: acceptable for a test).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
-}
-
-/// Whether something listens on 127.0.0.1:`port` (TCP, /proc/net/tcp state 0A).
-fn listening(port: u16) -> bool {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&needle))
 }
 
 /// The guest's own dirtying rates (pages/s) reported in `serial`.
@@ -653,16 +564,9 @@ fn migrate(
     let mut dest = Vm::start(setup, dest_name, &src.append, Some(port))
         .map_err(|e| format!("starting the destination QEMU: {e}"))?;
     let mut dest_qmp = dest.qmp()?;
-    let start = Instant::now();
-    while !listening(port) {
-        if start.elapsed() > Duration::from_secs(15) || !dest.running() {
-            return Err(format!(
-                "the destination QEMU does not listen on 127.0.0.1:{port}\n{}",
-                dest.diagnostics()
-            ));
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    dest.guest
+        .wait_listening(port, Duration::from_secs(15))
+        .map_err(|e| format!("the destination: {e}"))?;
 
     let qmp = &mut src.qmp;
     qmp.execute(
@@ -682,7 +586,7 @@ fn migrate(
     qmp.execute("migrate", &format!("{{\"uri\":\"tcp:127.0.0.1:{port}\"}}"))?;
     let started = Instant::now();
     let mut throttle = None;
-    let ours = [src.vm.child.id(), dest.child.id()];
+    let ours = [src.vm.guest.id(), dest.guest.id()];
     let mut polls = 0;
     let info = loop {
         thread::sleep(Duration::from_millis(100));
@@ -841,13 +745,7 @@ fn table(rows: &[Row], bandwidth_mbs: f64) -> String {
 #[ignore = "end-to-end: boots QEMU guests; run ./run-tests.sh"]
 fn qemu_migration_baseline() {
     let started = Instant::now();
-    let lb = linux_dir();
-    let package = fs::read_to_string(lb.join("package")).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: run scripts/setup.sh (it fetches the baseline's Linux kernel)",
-            lb.join("package").display()
-        )
-    });
+    let package = linux_package();
     let bandwidth_mbs: f64 = match std::env::var("HV_MIGRATION_BANDWIDTH_MBPS") {
         Ok(v) => v
             .trim()
@@ -858,7 +756,7 @@ fn qemu_migration_baseline() {
         Err(_) => 20.0,
     };
     let bandwidth = (bandwidth_mbs * 1e6) as u64;
-    let mem_mib = guest_mib(&lb.join("vmlinuz")).unwrap_or_else(|e| panic!("{e}"));
+    let mem_mib = guest_mib(&linux_dir().join("vmlinuz")).unwrap_or_else(|e| panic!("{e}"));
     // The dirtied file must stay larger than what QEMU may copy with the guest stopped
     // (bandwidth x downtime-limit), else it converges whatever the rate: twice that, at least
     // 8 MiB, at most 12 MiB (the 96 MiB guest has ~22 MiB free, and the dirtier also keeps a
@@ -889,7 +787,7 @@ fn qemu_migration_baseline() {
             $step.unwrap_or_else(|e| panic!("{e}\n(logs kept in {})", dir.display()))
         };
     }
-    ok!(build_initramfs(&dir));
+    ok!(build_initramfs(&dir, INIT, &[]));
     let append = |work: &str| {
         format!("console=ttyS0 quiet panic=1 qmig.workload={work} qmig.pages={file_pages}")
     };
@@ -971,7 +869,7 @@ fn qemu_migration_baseline() {
         } else {
             ""
         },
-        package.trim(),
+        package,
         file_pages as f64 / 256.0,
         thread::available_parallelism().map_or(0, |n| n.get()),
         match setup.contention.get() {
