@@ -217,7 +217,7 @@ impl SourceDriver {
         if let Some(failure) = pipe_failure {
             self.transport_failed(now, failure);
         }
-        self.tick(now, guest);
+        self.tick(now, guest, pipe.in_flight());
         core::mem::take(&mut self.actions)
     }
 
@@ -280,7 +280,7 @@ impl SourceDriver {
         self.drain(now);
     }
 
-    fn tick(&mut self, now: u64, guest: &mut impl SourceGuest) {
+    fn tick(&mut self, now: u64, guest: &mut impl SourceGuest, in_flight: usize) {
         let limits = self.conn.limits;
         let copying = |state| matches!(state, SourceState::PreCopy | SourceState::FinalCopy);
         for _ in 0..limits.ticks_per_step.max(1) {
@@ -288,10 +288,11 @@ impl SourceDriver {
             if copying(state) {
                 let queued = self.conn.link.queued();
                 // Copying has no deadline to miss, so not ticking only delays the next batch.
-                // A pre-copy round ends once its pages left, so the policy measures the link.
+                // A pre-copy round ends once its pages reached the peer (`Pipe::in_flight`).
                 let round_ends_next =
                     state == SourceState::PreCopy && self.source.round_pages_left() == 0;
-                if queued >= limits.outbound_high_water || (round_ends_next && queued > 0) {
+                let undelivered = queued > 0 || in_flight > 0;
+                if queued >= limits.outbound_high_water || (round_ends_next && undelivered) {
                     break;
                 }
             }
@@ -896,6 +897,43 @@ mod tests {
         assert_eq!(sdrv.source().state(), SourceState::Failed);
         sdrv.flush(0, &mut net.source_end());
         assert!(sdrv.finished());
+    }
+
+    #[test]
+    fn a_round_ends_only_once_its_pages_reached_the_peer() {
+        let mut rng = Rng(11);
+        let mut guest = FakeGuest::new(&mut rng, PAGES, 0);
+        let mut host = FakeHost::default();
+        let mut sdrv = SourceDriver::new(Source::new(source_config(PAGES, BATCH_PAGES)).unwrap());
+        let mut ddrv = DestinationDriver::new(destination());
+        let mut net = Net::unlimited();
+        sdrv.start(0);
+        let mut now = 0;
+        while sdrv.source().state() != SourceState::PreCopy {
+            now += TICK_US;
+            sdrv.step(now, &mut net.source_end(), &mut guest);
+            sdrv.flush(now, &mut net.source_end());
+            ddrv.step(now, &mut net.destination_end(), &mut host);
+            ddrv.flush(now, &mut net.destination_end());
+            assert!(now < 100 * TICK_US, "the handshake did not finish");
+        }
+        // The destination stops reading: every page of round 1 is sent, none received.
+        for _ in 0..50 {
+            now += TICK_US;
+            sdrv.step(now, &mut net.source_end(), &mut guest);
+            sdrv.flush(now, &mut net.source_end());
+        }
+        assert_eq!(sdrv.source().round_pages_left(), 0);
+        assert_eq!(
+            sdrv.source().round(),
+            1,
+            "the round ended with pages in flight"
+        );
+        // Once the destination has read them, the round ends.
+        ddrv.step(now, &mut net.destination_end(), &mut host);
+        now += TICK_US;
+        sdrv.step(now, &mut net.source_end(), &mut guest);
+        assert!(sdrv.source().round() > 1 || sdrv.source().state() != SourceState::PreCopy);
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub trait Pipe {
     fn send(&mut self, data: &[u8]) -> Result<usize, PipeError>;
     /// Receives without blocking; Ok(0) when nothing is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError>;
+    /// Bytes the pipe accepted that the peer has not received yet (a TCP socket's unacknowledged
+    /// send queue). The source ends a pre-copy round only once this is zero: otherwise the
+    /// pause would start with a send buffer's worth of old pages ahead of the final ones, all of
+    /// it downtime, and the policy would measure how fast a buffer fills, not the link.
+    fn in_flight(&self) -> usize {
+        0
+    }
 }
 
 /// Why a pipe can no longer carry bytes. Every variant is final for the connection.

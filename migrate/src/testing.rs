@@ -340,6 +340,11 @@ pub struct End<'a> {
 }
 
 impl Pipe for End<'_> {
+    /// What the peer has not read yet, like a TCP socket's unacknowledged bytes.
+    fn in_flight(&self) -> usize {
+        self.tx.bytes.len()
+    }
+
     fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
         if self.tx.cut || self.tx.closed {
             return Err(PipeError::Closed);

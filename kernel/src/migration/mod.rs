@@ -760,6 +760,12 @@ fn source_actions(
                             log::error!("migration of {}: pause: {e}", out.vm);
                         }
                     }
+                    log::info!(
+                        "migration of {}: paused for the switchover after round {} ({} dirty pages left)",
+                        out.vm,
+                        out.driver.source().round(),
+                        out.driver.source().dirty_pending()
+                    );
                     let mut guest = SourceVm {
                         vms,
                         name: &out.vm,
@@ -859,6 +865,7 @@ fn destination_actions(
                 let Some(name) = inc.copy.name.clone() else {
                     continue;
                 };
+                log::info!("migration of {name}: committed, resuming it here");
                 let clock = inc.copy.clock.unwrap_or_else(|| {
                     log::warn!("migration of {name}: no clock state came; guest time restarts");
                     crate::vm::ClockState {

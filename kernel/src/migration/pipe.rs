@@ -22,6 +22,11 @@ fn ended(state: State) -> PipeError {
 }
 
 impl Pipe for SocketPipe<'_> {
+    /// The send buffer holds bytes until the peer acknowledged them.
+    fn in_flight(&self) -> usize {
+        self.0.send_queue()
+    }
+
     fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
         let state = self.0.state();
         if opening(state) {

@@ -18,6 +18,10 @@ pub use kernel::guest_clock::ClockState;
 /// Device ids of the device-state messages (opaque to the protocol).
 pub const DEVICE_COM1: u32 = 1;
 pub const DEVICE_CLOCK: u32 = 2;
+/// The guest's console line not printed yet (no line end seen): it travels with the VM, so a
+/// line the guest was writing when it was paused is printed whole on the destination instead
+/// of being cut in two (or lost) at the switchover.
+pub const DEVICE_CONSOLE_LINE: u32 = 3;
 
 impl Vm {
     /// Guest pages.
@@ -73,7 +77,11 @@ impl Vm {
             tsc_hz: clock::tsc_hz(),
             running,
         };
-        alloc::vec![(DEVICE_COM1, com1), (DEVICE_CLOCK, clock.encode())]
+        alloc::vec![
+            (DEVICE_COM1, com1),
+            (DEVICE_CLOCK, clock.encode()),
+            (DEVICE_CONSOLE_LINE, self.line.as_bytes().to_vec()),
+        ]
     }
 
     /// Loads one device model's state; the clock state is returned for [`Vm::finish_incoming`].
@@ -84,6 +92,16 @@ impl Vm {
                 Ok(None)
             }
             DEVICE_CLOCK => ClockState::decode(bytes).map(Some).map_err(String::from),
+            DEVICE_CONSOLE_LINE => {
+                // What `console_byte` keeps: printable ASCII, shorter than a flushed line.
+                if bytes.len() >= super::MAX_GUEST_LINE
+                    || !bytes.iter().all(|b| (0x20..=0x7E).contains(b))
+                {
+                    return Err(String::from("console line state is not a partial line"));
+                }
+                self.line = bytes.iter().map(|&b| b as char).collect();
+                Ok(None)
+            }
             other => Err(format!("unknown device {other}")),
         }
     }
