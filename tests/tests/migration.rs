@@ -408,6 +408,24 @@ fn bad_requests_refusal_and_cancel_leave_the_vm_on_the_source() {
         .unwrap();
     assert!(out.contains("destroyed"), "{out}");
 
+    // node2 has too little memory left (a big VM takes most of it): refused, with the figure.
+    let (_, out) = cluster
+        .console(2)
+        .command_amid_output("vm create big mem=440")
+        .unwrap();
+    assert!(out.contains("created"), "{out}");
+    cluster
+        .console(1)
+        .command_amid_output("migrate vm1 node2")
+        .unwrap();
+    let line = wait_failed_on_node1(&mut cluster);
+    assert!(line.contains("NotEnoughMemory"), "{line}");
+    assert_stayed_on_node1(&mut cluster);
+    cluster
+        .console(2)
+        .command_amid_output("vm destroy big")
+        .unwrap();
+
     // A second migration while one runs, then a cancel.
     let c = cluster.console(1);
     c.command_amid_output("migrate vm1 node2").unwrap();
