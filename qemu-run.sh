@@ -14,7 +14,7 @@
 #   --set KEY=VALUE    add (or replace) a line in every node's configuration file; repeatable
 #                      (defaults: name = nodeK, log_level = info, on_panic = halt,
 #                      cluster_addr = 10.10.0.K/24, peer.nodeJ = 10.10.0.J for every other node J;
-#                      QEMU, 2 or more nodes: storage_addr = 10.0.2.15/24)
+#                      2 or more nodes: storage_addr = 10.0.2.15/24)
 #   --headless DIR     no terminal: node K's serial console is the unix socket DIR/nodeK.sock and
 #                      its complete serial output DIR/nodeK.log; prints the line READY on stdout
 #                      once every node printed "console ready", then runs until SIGINT/SIGTERM,
@@ -37,8 +37,9 @@
 # network (-netdev user: the node is 10.0.2.15/24, the host's 127.0.0.1 is reachable as
 # 10.0.2.2), MAC 52:54:00:00:02:0K, at PCI slot 4 (the cluster NIC is at slot 3: the kernel
 # takes the first NIC for the cluster network, the second for the storage network).
-# Under Bochs, two or more nodes get an e1000 each (ethmod=socket: frames in UDP datagrams),
-# linked through frame-hub on 127.0.0.1 (a hub: every frame to every other node).
+# Under Bochs, two or more nodes get two e1000s each: the cluster link (ethmod=socket: frames in
+# UDP datagrams, linked through frame-hub on 127.0.0.1, a hub: every frame to every other node)
+# and the storage network on Bochs's user-mode network (ethmod=slirp, same addresses as QEMU's).
 #
 # Every QEMU node has a QMP socket, DIR/nodeK.qmp (tests use it to cut a node's link with
 # set_link), and each emulator's pid is in DIR/nodeK.pid (tests kill a node with it).
@@ -340,7 +341,7 @@ for ((k = 1; k <= NODES; k++)); do
             ((j == k)) && continue
             [[ -v "CFG[peer.node$j]" ]] || printf 'peer.node%d = 10.10.0.%d\n' "$j" "$j"
         done
-        if [[ "$EMULATOR" == qemu && "$NODES" -ge 2 && ! -v "CFG[storage_addr]" ]]; then
+        if [[ "$NODES" -ge 2 && ! -v "CFG[storage_addr]" ]]; then
             printf 'storage_addr = 10.0.2.15/24\n'
         fi
     } >"$cfg"
@@ -442,8 +443,12 @@ start_bochs() {
     port="$(cat "$RUN_DIR/node$k.relay-ready")"
     local nic=""
     if [[ -n "$BOCHS_NET_BASE" ]]; then
-        nic="pci: enabled=1, chipset=i440fx, slot1=e1000
-e1000: enabled=1, mac=$(mac_of "$k"), ethmod=socket, ethdev=$((BOCHS_NET_BASE + 2 * (k - 1)))"
+        # Card 0 is the cluster link; card 1 the storage network on Bochs's own user-mode
+        # network (slirp, like QEMU's -netdev user: the node is 10.0.2.15, the host 10.0.2.2).
+        printf '# slirp defaults: 10.0.2.0/24, host 10.0.2.2\n' >"$RUN_DIR/slirp.conf"
+        nic="pci: enabled=1, chipset=i440fx, slot1=e1000, slot2=e1000
+e1000: card=0, enabled=1, mac=$(mac_of "$k"), ethmod=socket, ethdev=$((BOCHS_NET_BASE + 2 * (k - 1)))
+e1000: card=1, enabled=1, mac=$(storage_mac_of "$k"), ethmod=slirp, script=$RUN_DIR/slirp.conf"
     fi
     # clock: sync=slowdown keeps the emulated clock from running ahead of real time, so an idle
     # node (HLT) costs ~3% of a core instead of 100% (sync=none), and uptimes and timeouts

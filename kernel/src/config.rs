@@ -32,10 +32,10 @@
 //! | `log_level` | `off`, `error`, `warn`, `info`, `debug`, `trace`   | `info`  |
 //! | `on_panic`  | `halt` (stop the CPU) or `exit` (power the emulator off with a failure status, for tests) | `halt` |
 //! | `cluster_addr` | this node's address on the cluster network, with prefix length (`10.10.0.1/24`); empty: none | none |
-//! | `storage_addr` | this node's address on the storage network (the second NIC), with prefix length (QEMU user networking: `10.0.2.15/24`); empty: none | none |
+//! | `storage_addr` | this node's address on the storage network (the second NIC), with prefix length (QEMU user networking: `10.0.2.15/24`), or `dhcp` (a lease from the network's DHCP server); empty: none | none |
 //! | `peer.<node>` | the cluster-network address of node `<node>` (a node name), e.g. `peer.node2 = 10.10.0.2` | |
 //!
-//! Values of `log_level` and `on_panic` are matched ignoring ASCII case.
+//! Values of `log_level`, `on_panic` and `storage_addr = dhcp` are matched ignoring ASCII case.
 //! Addresses are strict dotted quads (see [`net::addr`]): an interface address
 //! must be unicast and not its subnet's network or broadcast address; a peer
 //! address must be unicast. Peers are kept in file order.
@@ -53,7 +53,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use log::LevelFilter;
-use net::addr::{Ipv4, Ipv4Net};
+use net::addr::{Addressing, Ipv4, Ipv4Net};
 
 /// Longest line accepted, in bytes, without its line ending.
 pub const MAX_LINE: usize = 256;
@@ -217,7 +217,7 @@ impl fmt::Display for ConfigErrorKind {
                 "storage_addr" => write!(
                     f,
                     "bad value for `storage_addr`: a unicast IPv4 address with prefix length, \
-                     e.g. 10.0.2.15/24 (or empty for none)"
+                     e.g. 10.0.2.15/24, or dhcp (or empty for none)"
                 ),
                 k if peer_key_name(k).is_some() => write!(
                     f,
@@ -292,8 +292,8 @@ pub struct NodeConfig {
     pub on_panic: OnPanic,
     /// This node's address on the cluster network.
     pub cluster_addr: Option<Ipv4Net>,
-    /// This node's address on the storage network (`storage_addr`).
-    pub storage_addr: Option<Ipv4Net>,
+    /// How this node gets its address on the storage network (`storage_addr`): static or DHCP.
+    pub storage_addr: Option<Addressing>,
     /// Other nodes by name, in file order (names are unique).
     pub peers: Vec<Peer>,
     /// Keys this kernel does not know, with their values, in file order.
@@ -474,7 +474,7 @@ impl NodeConfig {
                 self.storage_addr = if value.is_empty() {
                     None
                 } else {
-                    Some(Ipv4Net::parse(value).map_err(|_| bad())?)
+                    Some(Addressing::parse(value).map_err(|_| bad())?)
                 };
             }
             _ if peer_key_name(key).is_some() => {
@@ -1009,7 +1009,7 @@ mod tests {
         assert!(warnings.is_empty());
         assert_eq!(
             config.storage_addr,
-            Some(Ipv4Net::parse("10.0.2.15/24").unwrap())
+            Some(Addressing::Static(Ipv4Net::parse("10.0.2.15/24").unwrap()))
         );
         assert_eq!(config.get("storage_addr").as_deref(), Some("10.0.2.15/24"));
         assert!(is_known_key("storage_addr"));
@@ -1026,6 +1026,49 @@ mod tests {
         assert_eq!(config.storage_addr.unwrap().to_string(), "10.0.2.16/24");
         config.set("storage_addr", "").unwrap();
         assert_eq!(config.storage_addr, None);
+    }
+
+    #[test]
+    fn storage_address_by_dhcp() {
+        for spelling in ["dhcp", "DHCP", "Dhcp"] {
+            let (config, warnings) = parse(&format!("storage_addr = {spelling}\n")).unwrap();
+            assert!(warnings.is_empty());
+            assert_eq!(config.storage_addr, Some(Addressing::Dhcp), "{spelling}");
+            // Printed in one spelling, and read back the same.
+            assert_eq!(config.get("storage_addr").as_deref(), Some("dhcp"));
+            assert!(config.to_string().contains("\nstorage_addr = dhcp\n"));
+            assert_eq!(parse(&config.to_string()).unwrap().0, config);
+        }
+        for bad in ["dhcp4", "dhcp/24", "dhcp dhcp", "auto", "bootp"] {
+            assert_eq!(
+                error(&format!("storage_addr = {bad}")),
+                err(1, bad_value("storage_addr")),
+                "{bad}"
+            );
+        }
+        assert!(bad_value("storage_addr").to_string().contains("or dhcp"));
+        // A live node switches to DHCP and back to a static address.
+        let mut config = NodeConfig::default();
+        config.set("storage_addr", "10.0.2.16/24").unwrap();
+        config.set("storage_addr", " dhcp ").unwrap();
+        assert_eq!(config.storage_addr, Some(Addressing::Dhcp));
+        let before = config.clone();
+        assert_eq!(
+            config.set("storage_addr", "dhcp6"),
+            Err(bad_value("storage_addr"))
+        );
+        assert_eq!(config, before);
+        config.set("storage_addr", "10.0.2.15/24").unwrap();
+        assert_eq!(
+            config.storage_addr.and_then(Addressing::static_net),
+            Some(Ipv4Net::parse("10.0.2.15/24").unwrap())
+        );
+        // DHCP is for the storage network only: the cluster network needs fixed addresses that
+        // the peers' configurations name.
+        assert_eq!(
+            error("cluster_addr = dhcp"),
+            err(1, bad_value("cluster_addr"))
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! to a reader), a prefix 1..=32. An interface address must be unicast (not 0.0.0.0, loopback,
 //! multicast, reserved or broadcast) and, in prefixes of /30 and shorter, neither the network
 //! nor the broadcast address of its own subnet.
+//!
+//! An interface is configured with an [`Addressing`]: a static `a.b.c.d/nn`, or `dhcp`.
 
 use core::fmt;
 
@@ -154,10 +156,73 @@ impl fmt::Display for Ipv4Net {
     }
 }
 
+/// How an interface gets its address: configured, or leased from a DHCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Addressing {
+    Static(Ipv4Net),
+    Dhcp,
+}
+
+/// The configuration spelling of [`Addressing::Dhcp`].
+pub const DHCP: &str = "dhcp";
+
+impl Addressing {
+    /// Parses `dhcp` (ignoring ASCII case) or an interface address `a.b.c.d/len`.
+    pub fn parse(text: &str) -> Result<Addressing, AddrError> {
+        if text.eq_ignore_ascii_case(DHCP) {
+            Ok(Addressing::Dhcp)
+        } else {
+            Ipv4Net::parse(text).map(Addressing::Static)
+        }
+    }
+
+    /// The configured address (`None` for DHCP).
+    pub fn static_net(self) -> Option<Ipv4Net> {
+        match self {
+            Addressing::Static(net) => Some(net),
+            Addressing::Dhcp => None,
+        }
+    }
+}
+
+impl From<Ipv4Net> for Addressing {
+    fn from(net: Ipv4Net) -> Addressing {
+        Addressing::Static(net)
+    }
+}
+
+impl fmt::Display for Addressing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addressing::Static(net) => write!(f, "{net}"),
+            Addressing::Dhcp => f.write_str(DHCP),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use alloc::string::ToString;
+
+    #[test]
+    fn addressing_is_dhcp_or_a_static_address() {
+        assert_eq!(Addressing::parse("dhcp"), Ok(Addressing::Dhcp));
+        assert_eq!(Addressing::parse("DHCP"), Ok(Addressing::Dhcp));
+        let net = Ipv4Net::parse("10.0.2.15/24").unwrap();
+        assert_eq!(
+            Addressing::parse("10.0.2.15/24"),
+            Ok(Addressing::Static(net))
+        );
+        assert_eq!(Addressing::Static(net).static_net(), Some(net));
+        assert_eq!(Addressing::Dhcp.static_net(), None);
+        assert_eq!(Addressing::from(net), Addressing::Static(net));
+        assert_eq!(Addressing::Dhcp.to_string(), "dhcp");
+        assert_eq!(Addressing::Static(net).to_string(), "10.0.2.15/24");
+        for bad in ["dhcp4", " dhcp", "dhcp/24", "bootp", "", "10.0.2.15"] {
+            assert!(Addressing::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_addresses_strictly() {

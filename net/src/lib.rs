@@ -10,7 +10,8 @@
 //! - [`e1000`]: the Intel 82540EM driver, a smoltcp `phy::Device`;
 //! - [`virtio`]: the virtio-net driver (on the `virtio-drivers` crate), a smoltcp `phy::Device`;
 //! - [`stack`]: one smoltcp interface with its sockets, a mirror of its neighbor cache
-//!   ([`neighbors`]) and the `ping` job ([`ping`]), driven by a bounded poll;
+//!   ([`neighbors`]), the `ping` job ([`ping`]) and its address, static or from the DHCP
+//!   client ([`dhcp`]), driven by a bounded poll;
 //! - [`transport`]: the byte-stream [`Transport`] (timeouts, typed errors) over smoltcp TCP
 //!   ([`stack::TcpTransport`]) or, with the `std` feature, `std::net::TcpStream`;
 //! - [`bench`]: the `net bench` / `net send` job and the bench listener (TCP port 5001);
@@ -32,6 +33,7 @@ extern crate std;
 pub mod addr;
 pub mod announce;
 pub mod bench;
+pub mod dhcp;
 pub mod e1000;
 pub mod hw;
 pub mod neighbors;
@@ -46,5 +48,6 @@ pub use smoltcp;
 /// The virtio transport and device crate under [`virtio`] (the kernel implements its `Hal`).
 pub use virtio_drivers;
 
+pub use addr::Addressing;
 pub use announce::{gratuitous_arp, rarp_announce, AnnounceParams, AnnounceSchedule};
 pub use transport::{Transport, TransportError};

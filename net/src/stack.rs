@@ -1,5 +1,6 @@
 //! One network interface: a smoltcp [`Interface`] over a NIC's `phy::Device`, its sockets, the
-//! mirror of its neighbor cache, and the `ping` job.
+//! mirror of its neighbor cache, the `ping` job, and its address: static, or leased by the DHCP
+//! client ([`crate::dhcp`]).
 //!
 //! [`Stack::poll`] does a bounded amount of work, so the node's single loop (which also runs
 //! vCPU slices and the console) is never held up by a flood: at most `budget` received frames,
@@ -21,8 +22,9 @@ use smoltcp::wire::{
     EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address,
 };
 
-use crate::addr::{Ipv4, Ipv4Net};
+use crate::addr::{Addressing, Ipv4, Ipv4Net};
 use crate::bench::{self, BenchJob, BenchServer, Limit};
+use crate::dhcp::{self, DhcpState};
 use crate::neighbors::{Neighbor, NeighborTable};
 use crate::ping::{CountError, PingEvent, PingJob, PingSummary, PAYLOAD};
 use crate::transport::TransportError;
@@ -34,6 +36,8 @@ pub enum PingError {
     Busy,
     /// The interface has no address.
     NoAddress,
+    /// The interface's address comes from DHCP, and there is no lease yet.
+    NoLease,
     /// The target is this interface's own address.
     OwnAddress(Ipv4),
     /// The target is outside the interface's subnet (and there are no routes).
@@ -53,6 +57,7 @@ impl fmt::Display for PingError {
             PingError::NoAddress => {
                 write!(f, "the interface has no address (configure cluster_addr)")
             }
+            PingError::NoLease => write!(f, "the interface has no DHCP lease yet"),
             PingError::OwnAddress(ip) => write!(f, "{ip} is this node's own address"),
             PingError::NoRoute { target, net } => write!(
                 f,
@@ -95,6 +100,7 @@ pub struct Stack<D: Device> {
     iface: Interface,
     sockets: SocketSet<'static>,
     addr: Option<Ipv4Net>,
+    dhcp: dhcp::Client,
     neighbors: NeighborTable,
     ping: Option<ActivePing>,
     next_ident: u16,
@@ -115,6 +121,8 @@ pub enum ConnectError {
     Busy,
     /// The interface has no address.
     NoAddress,
+    /// The interface's address comes from DHCP, and there is no lease yet.
+    NoLease,
     OwnAddress(Ipv4),
     NoRoute {
         target: Ipv4,
@@ -131,6 +139,7 @@ impl fmt::Display for ConnectError {
             ConnectError::NoAddress => {
                 write!(f, "the interface has no address (configure cluster_addr)")
             }
+            ConnectError::NoLease => write!(f, "the interface has no DHCP lease yet"),
             ConnectError::OwnAddress(ip) => write!(f, "{ip} is this node's own address"),
             ConnectError::NoRoute { target, net } => write!(
                 f,
@@ -148,6 +157,7 @@ impl fmt::Display for ConnectError {
 /// their own error types.
 enum TargetError {
     NoAddress,
+    NoLease,
     OwnAddress(Ipv4),
     NoRoute { target: Ipv4, net: Ipv4Net },
     NotUnicast(Ipv4),
@@ -157,6 +167,7 @@ impl From<TargetError> for PingError {
     fn from(e: TargetError) -> PingError {
         match e {
             TargetError::NoAddress => PingError::NoAddress,
+            TargetError::NoLease => PingError::NoLease,
             TargetError::OwnAddress(ip) => PingError::OwnAddress(ip),
             TargetError::NoRoute { target, net } => PingError::NoRoute { target, net },
             TargetError::NotUnicast(ip) => PingError::NotUnicast(ip),
@@ -168,6 +179,7 @@ impl From<TargetError> for ConnectError {
     fn from(e: TargetError) -> ConnectError {
         match e {
             TargetError::NoAddress => ConnectError::NoAddress,
+            TargetError::NoLease => ConnectError::NoLease,
             TargetError::OwnAddress(ip) => ConnectError::OwnAddress(ip),
             TargetError::NoRoute { target, net } => ConnectError::NoRoute { target, net },
             TargetError::NotUnicast(ip) => ConnectError::NotUnicast(ip),
@@ -178,10 +190,29 @@ impl From<TargetError> for ConnectError {
 impl From<ConnectError> for TransportError {
     fn from(e: ConnectError) -> TransportError {
         match e {
-            ConnectError::NoRoute { .. } => TransportError::Unreachable,
+            ConnectError::NoRoute { .. } | ConnectError::NoLease => TransportError::Unreachable,
             _ => TransportError::Invalid,
         }
     }
+}
+
+/// Gives `iface` the address `addr` (recorded in `slot`) and flushes the neighbor mirror, as
+/// smoltcp flushes its cache.
+fn install_address(
+    iface: &mut Interface,
+    slot: &mut Option<Ipv4Net>,
+    table: &mut NeighborTable,
+    addr: Option<Ipv4Net>,
+) {
+    iface.update_ip_addrs(|addrs| {
+        addrs.clear();
+        if let Some(net) = addr {
+            // Capacity is at least one address.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(to_smol(net.addr)), net.prefix));
+        }
+    });
+    *slot = addr;
+    table.flush();
 }
 
 fn to_smol(ip: Ipv4) -> Ipv4Address {
@@ -211,6 +242,7 @@ impl<D: Device> Stack<D> {
             iface,
             sockets: SocketSet::new(Vec::new()),
             addr: None,
+            dhcp: dhcp::Client::new(),
             neighbors: NeighborTable::new(),
             ping: None,
             next_ident: (seed as u16) | 1,
@@ -242,17 +274,49 @@ impl<D: Device> Stack<D> {
         self.addr
     }
 
-    /// Replaces the interface address (flushes the neighbor cache, as smoltcp does).
+    /// Gives the interface a static address (or none), stopping the DHCP client if it ran.
     pub fn set_address(&mut self, addr: Option<Ipv4Net>) {
-        self.iface.update_ip_addrs(|addrs| {
-            addrs.clear();
-            if let Some(net) = addr {
-                // Capacity is at least one address.
-                let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(to_smol(net.addr)), net.prefix));
+        self.dhcp.stop(&mut self.sockets);
+        self.apply_address(addr);
+    }
+
+    /// Configures the address: static, or DHCP (starts the client, without an address until
+    /// the first lease; already running, it keeps its lease), or none.
+    pub fn set_addressing(&mut self, addressing: Option<Addressing>) {
+        match addressing {
+            Some(Addressing::Dhcp) => {
+                if self.dhcp.state().is_none() {
+                    self.apply_address(None);
+                    self.dhcp.start(&mut self.sockets);
+                }
             }
-        });
-        self.addr = addr;
-        self.neighbors.flush();
+            other => self.set_address(other.and_then(Addressing::static_net)),
+        }
+    }
+
+    /// How the address is configured.
+    pub fn addressing(&self) -> Option<Addressing> {
+        match self.dhcp.state() {
+            Some(_) => Some(Addressing::Dhcp),
+            None => self.addr.map(Addressing::Static),
+        }
+    }
+
+    /// The DHCP client's state (`None`: the address is static).
+    pub fn dhcp(&self) -> Option<&DhcpState> {
+        self.dhcp.state()
+    }
+
+    /// Applies the DHCP client's news, if any.
+    fn poll_dhcp(&mut self, now: Instant) {
+        if let Some(addr) = self.dhcp.poll(&mut self.sockets, now).new_address() {
+            self.apply_address(addr);
+        }
+    }
+
+    /// Replaces the interface address (flushes the neighbor cache, as smoltcp does).
+    fn apply_address(&mut self, addr: Option<Ipv4Net>) {
+        install_address(&mut self.iface, &mut self.addr, &mut self.neighbors, addr);
     }
 
     /// Neighbors with valid entries at `now`, sorted by address.
@@ -279,6 +343,12 @@ impl<D: Device> Stack<D> {
                 PollIngressSingleResult::PacketProcessed
                 | PollIngressSingleResult::SocketStateChanged => frames += 1,
             }
+            // Each ACK overwrites the DHCP socket's packet buffer: read its lease before the
+            // next frame.
+            if let Some(addr) = self.dhcp.poll(&mut self.sockets, now).new_address() {
+                install_address(&mut self.iface, &mut self.addr, tap.table, addr);
+                tap.own = addr;
+            }
         }
         Self::advance_ping(
             &mut self.ping,
@@ -301,6 +371,8 @@ impl<D: Device> Stack<D> {
             }
             sending = true;
         }
+        // The client gives up an expired lease while sending.
+        self.poll_dhcp(now);
         let sockets = &mut self.sockets;
         self.closing.retain_mut(|(h, since)| {
             let done = match sockets.get::<tcp::Socket>(*h).state() {
@@ -322,7 +394,11 @@ impl<D: Device> Stack<D> {
 
     /// Validates a destination on this interface's network (for pings and connections alike).
     fn check_target(&self, target: Ipv4) -> Result<(), TargetError> {
-        let net = self.addr.ok_or(TargetError::NoAddress)?;
+        let net = self.addr.ok_or(if self.dhcp.state().is_some() {
+            TargetError::NoLease
+        } else {
+            TargetError::NoAddress
+        })?;
         if !target.is_unicast() || target == net.broadcast() && net.prefix <= 30 {
             return Err(TargetError::NotUnicast(target));
         }

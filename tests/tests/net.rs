@@ -273,6 +273,8 @@ fn bochs_pair() -> ClusterOptions {
     }
 }
 
+/// Two Bochs nodes ping each other over the cluster link, and each reaches a host listener over
+/// its storage network.
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn bochs_nodes_ping_each_other_by_name_and_address() {
@@ -281,6 +283,28 @@ fn bochs_nodes_ping_each_other_by_name_and_address() {
     assert!(show.contains("mac 52:54:00:00:01:01 (EEPROM)"), "{show}");
     let times = ping_both_ways(&mut cluster, secs(120));
     eprintln!("bochs ping round trips (ms): {times:?}");
+
+    // The second e1000 is the storage network, on Bochs's user-mode network (slirp).
+    let (port, server) = host_listener(2);
+    for k in 1..=2 {
+        let console = cluster.console(k);
+        let show = console.command("net show").unwrap();
+        assert!(
+            show.contains("eth1 (storage network): e1000") && show.contains("inet 10.0.2.15/24"),
+            "{show}"
+        );
+        reach_host(
+            console,
+            port,
+            &format!("hello from bochs node{k}"),
+            &format!("node{k}"),
+        );
+    }
+    let lines = server.join().unwrap();
+    assert_eq!(
+        lines,
+        ["hello from bochs node1\n", "hello from bochs node2\n"]
+    );
     cluster.stop().unwrap();
 }
 
@@ -684,16 +708,14 @@ fn bench_and_connect_report_clear_errors() {
     cluster.stop().unwrap();
 }
 
-/// Each node reaches a TCP listener on the host (127.0.0.1, 10.0.2.2 from the node) through its
-/// storage network, sends a line and prints the answer.
-#[test]
-#[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
-fn nodes_reach_a_host_listener_over_the_storage_network() {
+/// A TCP listener on the host's 127.0.0.1 (10.0.2.2 from a node's storage network) that serves
+/// `count` connections: it reads a line, answers `ack <line>`, and finally returns the lines.
+fn host_listener(count: usize) -> (u16, std::thread::JoinHandle<Vec<String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
         let mut lines = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..count {
             let (stream, _) = listener.accept().unwrap();
             stream.set_read_timeout(Some(secs(30))).unwrap();
             let mut line = String::new();
@@ -705,6 +727,35 @@ fn nodes_reach_a_host_listener_over_the_storage_network() {
         }
         lines
     });
+    (port, server)
+}
+
+/// `net connect 10.0.2.2 <port> <text>` until it succeeds (the e1000 link comes up some 0.5 s
+/// after the driver's reset; bounded), then checks the listener's answer.
+fn reach_host(console: &mut Console, port: u16, text: &str, who: &str) {
+    let mut out = String::new();
+    for _ in 0..20 {
+        out = console
+            .command(&format!("net connect 10.0.2.2 {port} {text}"))
+            .unwrap();
+        if !out.contains("error") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        out.contains(&format!("connected to 10.0.2.2 (10.0.2.2) port {port}"))
+            && out.contains(&format!("reply: ack {text}")),
+        "{who}:\n{out}"
+    );
+}
+
+/// Each node reaches a TCP listener on the host (127.0.0.1, 10.0.2.2 from the node) through its
+/// storage network, sends a line and prints the answer.
+#[test]
+#[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
+fn nodes_reach_a_host_listener_over_the_storage_network() {
+    let (port, server) = host_listener(2);
     let mut cluster = Cluster::start(ClusterOptions::default()).unwrap();
     for k in 1..=2 {
         let console = cluster.console(k);
@@ -713,21 +764,12 @@ fn nodes_reach_a_host_listener_over_the_storage_network() {
             show.contains("eth1 (storage network): e1000") && show.contains("inet 10.0.2.15/24"),
             "{show}"
         );
-        let mut out = String::new();
-        // The e1000 link comes up some 0.5 s after the driver's reset: retry a little.
-        for _ in 0..20 {
-            out = console
-                .command(&format!("net connect 10.0.2.2 {port} hello from node{k}"))
-                .unwrap();
-            if !out.contains("error") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        assert!(
-            out.contains(&format!("connected to 10.0.2.2 (10.0.2.2) port {port}"))
-                && out.contains(&format!("reply: ack hello from node{k}")),
-            "node{k}:\n{out}"
+        assert!(!show.contains("dhcp"), "{show}");
+        reach_host(
+            console,
+            port,
+            &format!("hello from node{k}"),
+            &format!("node{k}"),
         );
         let arp = console.command("net arp").unwrap();
         assert!(
@@ -737,5 +779,105 @@ fn nodes_reach_a_host_listener_over_the_storage_network() {
     }
     let lines = server.join().unwrap();
     assert_eq!(lines, ["hello from node1\n", "hello from node2\n"]);
+    cluster.stop().unwrap();
+}
+
+/// The storage interface's lines of `net show` (from its `eth1` header on).
+fn storage_lines(show: &str) -> &str {
+    let start = show
+        .find("eth1 (storage network)")
+        .unwrap_or_else(|| panic!("no storage interface in net show:\n{show}"));
+    &show[start..]
+}
+
+/// Polls `net show` (bounded) until the storage interface holds a DHCP lease; returns its lines.
+fn wait_dhcp_lease(console: &mut Console, who: &str) -> String {
+    let deadline = std::time::Instant::now() + secs(60);
+    loop {
+        let show = console.command("net show").unwrap();
+        let storage = storage_lines(&show).to_string();
+        if storage.contains("dhcp: bound") {
+            return storage;
+        }
+        assert!(
+            storage.contains("(dhcp)") && storage.contains("dhcp: requesting"),
+            "{who}: neither bound nor requesting:\n{storage}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{who}: no DHCP lease within 60 s:\n{storage}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `storage_addr = dhcp`: each node leases 10.0.2.15/24 from QEMU's user-network DHCP server
+/// and reaches a host listener through 10.0.2.2; node1 then switches to a static address from
+/// the console and back to DHCP, reaching the host each time.
+#[test]
+#[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
+fn nodes_lease_their_storage_address_by_dhcp() {
+    let (port, server) = host_listener(4);
+    let mut cluster =
+        Cluster::start(ClusterOptions::default().with("storage_addr", "dhcp")).unwrap();
+    for k in 1..=2 {
+        let who = format!("node{k}");
+        let console = cluster.console(k);
+        let config = console.command("config").unwrap();
+        assert!(config.contains("storage_addr = dhcp"), "{config}");
+        let storage = wait_dhcp_lease(console, &who);
+        assert!(
+            storage.contains("inet 10.0.2.15/24 (dhcp)"),
+            "{who}:\n{storage}"
+        );
+        assert!(
+            storage.contains("dhcp: bound, server 10.0.2.2, router 10.0.2.2, lease ")
+                && storage.contains(" s, renews in ")
+                && storage.contains("renewed 0 times"),
+            "{who}:\n{storage}"
+        );
+        eprintln!("{who} storage interface:\n{storage}");
+        reach_host(console, port, &format!("dhcp hello from {who}"), &who);
+        let log = console.output();
+        assert!(
+            log.contains("eth1 leased 10.0.2.15/24 by DHCP"),
+            "{who}: no lease log line"
+        );
+    }
+
+    // Static from the console: no DHCP lines any more, the host is still reachable.
+    let console = cluster.console(1);
+    let out = console
+        .command("config set storage_addr 10.0.2.15/24")
+        .unwrap();
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    let show = console.command("net show").unwrap();
+    let storage = storage_lines(&show);
+    assert!(
+        storage.contains("inet 10.0.2.15/24\n") || storage.contains("inet 10.0.2.15/24\r\n"),
+        "{storage}"
+    );
+    assert!(!storage.contains("dhcp"), "{storage}");
+    reach_host(console, port, "static again", "node1");
+
+    // And back to DHCP.
+    let out = console.command("config set storage_addr dhcp").unwrap();
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    let storage = wait_dhcp_lease(console, "node1");
+    assert!(storage.contains("inet 10.0.2.15/24 (dhcp)"), "{storage}");
+    reach_host(console, port, "dhcp again", "node1");
+    let config = console.command("config").unwrap();
+    assert!(config.contains("storage_addr = dhcp"), "{config}");
+
+    let lines = server.join().unwrap();
+    assert_eq!(
+        lines,
+        [
+            "dhcp hello from node1\n",
+            "dhcp hello from node2\n",
+            "static again\n",
+            "dhcp again\n"
+        ]
+    );
     cluster.stop().unwrap();
 }

@@ -3,6 +3,9 @@
 //! address, and gives the console loop a bounded poll and the output of its jobs (`ping`,
 //! `net bench`). Every node serves the bench port ([`::net::bench::PORT`]).
 //!
+//! The second NIC, if any, is the storage network's: its address is static or leased by DHCP
+//! (`storage_addr = dhcp`); a lease gained or lost is logged.
+//!
 //! Blocking TCP ([`Net::send_text`], over [`TcpTransport`]): the call polls the interface and
 //! between two polls calls the caller's `idle` hook, which runs the VM slices (and halts until
 //! the next tick when nothing is runnable): VMs are never stalled by more than one poll. The
@@ -15,8 +18,9 @@ use alloc::string::String;
 use core::fmt::Write;
 use core::time::Duration;
 
-use ::net::addr::{Ipv4, Ipv4Net};
+use ::net::addr::{Addressing, Ipv4, Ipv4Net};
 use ::net::bench::Limit;
+use ::net::dhcp::DhcpState;
 use ::net::e1000::{self, Counters, E1000Config, MacSource, E1000};
 use ::net::neighbors::Neighbor;
 use ::net::pci::{PciAddress, PciFunction};
@@ -180,6 +184,8 @@ pub struct IfaceStatus {
     pub mac: [u8; 6],
     pub link_up: bool,
     pub addr: Option<Ipv4Net>,
+    /// The DHCP client's state (`None`: the address is static).
+    pub dhcp: Option<DhcpState>,
     pub counters: Counters,
     pub rings: (usize, usize),
 }
@@ -215,7 +221,8 @@ pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
         .collect();
     let mut net = match nics.first() {
         Some(&(function, model)) => {
-            match start(function, model, "eth0", CLUSTER, config.cluster_addr) {
+            let addressing = config.cluster_addr.map(Addressing::Static);
+            match start(function, model, "eth0", CLUSTER, addressing) {
                 Ok(mut iface) => {
                     iface.stack.start_bench_listener();
                     Net {
@@ -249,10 +256,11 @@ fn log_iface(iface: &Iface) {
         iface.pci,
         e1000::Mac(iface.stack.mac()),
         mac_source_name(iface.mac_source),
-        iface
-            .stack
-            .address()
-            .map_or(String::from("no address"), |a| format!("{a}"))
+        match (iface.stack.address(), iface.stack.dhcp()) {
+            (_, Some(_)) => String::from("address by DHCP"),
+            (Some(a), None) => format!("{a}"),
+            (None, None) => String::from("no address"),
+        }
     );
 }
 
@@ -297,14 +305,15 @@ fn start(
     (driver, model): (Driver, &'static str),
     name: &'static str,
     role: Role,
-    addr: Option<Ipv4Net>,
+    addressing: Option<Addressing>,
 ) -> Result<Iface, String> {
     let (nic, mac_source, bar_addr) = match driver {
         Driver::E1000 => start_e1000(function)?,
         Driver::Virtio => start_virtio(function)?,
     };
     let mac = nic.mac();
-    let stack = Stack::new(nic, mac, addr, now(), clock::rdtsc());
+    let mut stack = Stack::new(nic, mac, None, now(), clock::rdtsc());
+    stack.set_addressing(addressing);
     let iface = Iface {
         name,
         role: role.0,
@@ -382,11 +391,13 @@ fn start_e1000(function: &PciFunction) -> Result<(Nic, MacSource, u64), String> 
 
 fn iface_status(iface: &mut Iface) -> IfaceStatus {
     let addr = iface.stack.address();
+    let dhcp = iface.stack.dhcp().cloned();
     let nic = iface.stack.device_mut();
     IfaceStatus {
         mac: nic.mac(),
         link_up: nic.link_up(),
         addr,
+        dhcp,
         counters: nic.counters(),
         rings: nic.ring_sizes(),
     }
@@ -428,7 +439,15 @@ impl Net {
     pub fn poll(&mut self) -> bool {
         let mut more = false;
         for iface in self.iface.iter_mut().chain(self.storage.iter_mut()) {
+            let before = iface.stack.address();
             more |= iface.stack.poll(now(), RX_BUDGET).more;
+            let after = iface.stack.address();
+            if after != before {
+                match after {
+                    Some(addr) => log::info!("net: {} leased {addr} by DHCP", iface.name),
+                    None => log::warn!("net: {} lost its DHCP lease", iface.name),
+                }
+            }
         }
         more
     }
@@ -471,10 +490,10 @@ impl Net {
         }
     }
 
-    /// Applies a new storage-network address (from `config set`).
-    pub fn set_storage_address(&mut self, addr: Option<Ipv4Net>) {
+    /// Applies a new storage-network address or DHCP (from `config set`).
+    pub fn set_storage_address(&mut self, addressing: Option<Addressing>) {
         if let Some(iface) = self.storage.as_mut() {
-            iface.stack.set_address(addr);
+            iface.stack.set_addressing(addressing);
         }
     }
 
@@ -601,6 +620,20 @@ impl Net {
             .as_ref()
             .and_then(|i| i.stack.address())
             .is_some_and(|net| net.contains(target));
+        let on_cluster = self
+            .iface
+            .as_ref()
+            .and_then(|i| i.stack.address())
+            .is_some_and(|net| net.contains(target));
+        let storage_waits = self
+            .storage
+            .as_ref()
+            .is_some_and(|i| i.stack.dhcp() == Some(&DhcpState::Requesting));
+        if !on_cluster && storage_waits {
+            return Err(format!(
+                "no route to {target}: the storage network has no DHCP lease yet"
+            ));
+        }
         let iface = if on_storage {
             self.storage.as_mut()
         } else {

@@ -9,6 +9,7 @@ use core::fmt::Write;
 
 use ::net::addr::Ipv4;
 use ::net::bench::{self, Limit};
+use ::net::dhcp::DhcpLine;
 use ::net::e1000::{Mac, BUF_SIZE};
 use ::net::neighbors::NeighborLine;
 use ::net::ping::{DEFAULT_COUNT, MAX_COUNT};
@@ -96,9 +97,23 @@ fn show_iface(
         },
         if status.link_up { "up" } else { "down" }
     )?;
-    match status.addr {
-        Some(addr) => writeln!(out, "  inet {addr}")?,
-        None => writeln!(out, "  inet none (set {})", iface.addr_key)?,
+    match (status.addr, &status.dhcp) {
+        (Some(addr), None) => writeln!(out, "  inet {addr}")?,
+        (None, None) => writeln!(out, "  inet none (set {})", iface.addr_key)?,
+        (addr, Some(dhcp)) => {
+            match addr {
+                Some(addr) => writeln!(out, "  inet {addr} (dhcp)")?,
+                None => writeln!(out, "  inet none (dhcp)")?,
+            }
+            writeln!(
+                out,
+                "  {}",
+                DhcpLine {
+                    state: dhcp,
+                    now: net::now()
+                }
+            )?;
+        }
     }
     writeln!(
         out,

@@ -619,3 +619,5 @@ mod tcp {
         );
     }
 }
+
+mod dhcp;
