@@ -6,6 +6,7 @@
 //! the kernel hands out through [`HostPages`].
 
 use crate::exit::VmExit;
+use crate::guest_mem::PagingMode;
 use crate::state::{PendingEvent, VcpuState};
 
 /// Physically contiguous, zeroed host pages for a hardware structure.
@@ -97,6 +98,17 @@ pub enum VcpuError {
 
 /// One virtual CPU. `run` enters the guest until something the hypervisor must handle
 /// happens; the handler then reads or changes registers and calls `run` again.
+/// The guest's paging mode and code segment: how RIP becomes an address to fetch from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchContext {
+    pub mode: PagingMode,
+    pub cs_base: u64,
+    /// CS.L: 64-bit code.
+    pub long: bool,
+    /// CS.D/B: 32-bit default operand size outside 64-bit mode.
+    pub db: bool,
+}
+
 pub trait Vcpu {
     /// Runs the guest until the next exit.
     fn run(&mut self) -> VmExit;
@@ -120,6 +132,23 @@ pub trait Vcpu {
     fn flush_nested_tlb(&mut self);
     /// The complete architectural state, vendor-neutral.
     fn save_state(&self) -> Result<VcpuState, VcpuError>;
+    /// What fetching the instruction at RIP needs (to decode its length when the hardware did
+    /// not report it). Backends read the few fields directly: the provided version copies the
+    /// whole state, too slow for an exit that happens a thousand times a second.
+    fn fetch_context(&self) -> Result<FetchContext, VcpuError> {
+        let state = self.save_state()?;
+        Ok(FetchContext {
+            mode: PagingMode {
+                cr0: state.cr0,
+                cr3: state.cr3,
+                cr4: state.cr4,
+                efer: state.efer,
+            },
+            cs_base: state.cs.base,
+            long: state.cs.attributes.long,
+            db: state.cs.attributes.db,
+        })
+    }
     /// Replaces the architectural state.
     fn load_state(&mut self, state: &VcpuState) -> Result<(), VcpuError>;
     /// The backend's raw exit information (exit code/reason and its qualifiers), for messages.

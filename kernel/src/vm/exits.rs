@@ -9,7 +9,6 @@ use core::arch::x86_64::__cpuid_count;
 
 use vmx::decode::instruction_at;
 use vmx::exit::{IoDirection, VmExit};
-use vmx::guest_mem::PagingMode;
 use vmx::state::{PendingEvent, PendingEventKind};
 use vmx::vcpu::Gpr;
 
@@ -70,24 +69,17 @@ fn advance(vm: &mut Vm) -> Result<(), String> {
     let len = match vm.vcpu.instruction_len() {
         Some(len) => len,
         None => {
-            let state = vm
+            let ctx = vm
                 .vcpu
-                .save_state()
+                .fetch_context()
                 .map_err(|e| format!("reading vCPU state: {e:?}"))?;
-            let mode = PagingMode {
-                cr0: state.cr0,
-                cr3: state.cr3,
-                cr4: state.cr4,
-                efer: state.efer,
-            };
-            let long = state.cs.attributes.long;
             // Outside 64-bit mode the CS base takes part in the linear address.
-            let linear = if long {
+            let linear = if ctx.long {
                 rip
             } else {
-                state.cs.base.wrapping_add(rip) & 0xFFFF_FFFF
+                ctx.cs_base.wrapping_add(rip) & 0xFFFF_FFFF
             };
-            instruction_at(&vm.ram, &mode, long, state.cs.attributes.db, linear)
+            instruction_at(&vm.ram, &ctx.mode, ctx.long, ctx.db, linear)
                 .map_err(|e| format!("decoding the instruction at rip {rip:#x}: {e}"))?
                 .len
         }

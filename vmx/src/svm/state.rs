@@ -19,7 +19,7 @@ use core::fmt;
 use core::mem::{offset_of, size_of};
 
 use super::event::{SvmEvent, SvmEventError, SvmEventType};
-use super::vmcb::{int_ctl, int_state, Vmcb, VmcbSegment};
+use super::vmcb::{int_ctl, int_state, Vmcb, VmcbSegment, VmcbStateSave};
 use crate::state::{
     efer, rflags, DescriptorTable, PendingEvent, PendingEventKind, Segment, SegmentAttributes,
     StateError, VcpuState,
@@ -222,6 +222,23 @@ pub fn load_from_state(
     Ok(())
 }
 
+/// The fetch context of the guest in `save` (see [`crate::vcpu::Vcpu::fetch_context`]): the
+/// fields [`save_to_state`] would put in the state, without copying the rest.
+pub fn fetch_context(save: &VmcbStateSave) -> crate::vcpu::FetchContext {
+    let cs = SegmentAttributes::from_svm(save.cs.attrib);
+    crate::vcpu::FetchContext {
+        mode: crate::guest_mem::PagingMode {
+            cr0: save.cr0,
+            cr3: save.cr3,
+            cr4: save.cr4,
+            efer: save.efer & !efer::SVME,
+        },
+        cs_base: save.cs.base,
+        long: cs.long,
+        db: cs.db,
+    }
+}
+
 /// Saves what the VMCB and `gprs` hold into `state`, leaving the backend-owned fields (module
 /// documentation) as they are.
 ///
@@ -370,6 +387,30 @@ mod tests {
             nmi_blocked: true,
         };
         s
+    }
+
+    #[test]
+    fn fetch_context_matches_the_saved_state() {
+        for state in [
+            VcpuState::reset_64bit(0x10_0000, 0x8000, 0x2000),
+            busy_state(),
+        ] {
+            let mut v = Box::new(Vmcb::new());
+            let mut g = GuestGprs::default();
+            load_from_state(&mut v, &mut g, &state).unwrap();
+            let mut saved = state.clone();
+            save_to_state(&v, &g, &mut saved).unwrap();
+            let ctx = fetch_context(&v.save);
+            assert_eq!(ctx.mode.cr0, saved.cr0);
+            assert_eq!(ctx.mode.cr3, saved.cr3);
+            assert_eq!(ctx.mode.cr4, saved.cr4);
+            assert_eq!(ctx.mode.efer, saved.efer);
+            assert_eq!(ctx.cs_base, saved.cs.base);
+            assert_eq!(
+                (ctx.long, ctx.db),
+                (saved.cs.attributes.long, saved.cs.attributes.db)
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::state::{inject, load_from_state, save_to_state, GuestGprs};
 use super::vmcb::{intercept, TlbControl, Vmcb};
 use crate::exit::VmExit;
 use crate::state::{PendingEvent, VcpuState};
-use crate::vcpu::{Gpr, GprBlock, HostPage, HostPages, Vcpu, VcpuError};
+use crate::vcpu::{FetchContext, Gpr, GprBlock, HostPage, HostPages, Vcpu, VcpuError};
 
 /// VM_HSAVE_PA: where VMRUN saves host state (APM 15.30.4).
 const VM_HSAVE_PA: u32 = 0xC001_0117;
@@ -321,6 +321,10 @@ impl Vcpu for SvmVcpu {
             .map_err(|_| VcpuError::InvalidState("VMCB state"))?;
         state.tsc_offset = self.vmcb().control.tsc_offset as i64;
         Ok(state)
+    }
+
+    fn fetch_context(&self) -> Result<FetchContext, VcpuError> {
+        Ok(super::state::fetch_context(&self.vmcb().save))
     }
 
     fn raw_exit(&self) -> [u64; 3] {
