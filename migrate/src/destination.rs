@@ -15,6 +15,7 @@
 //! round markers carry the current round number, rounds advance by one at each marker, pages lie
 //! inside the configured memory, each vCPU's state arrives once and all of them before `Commit`.
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec;
@@ -23,8 +24,8 @@ use alloc::vec::Vec;
 use crate::frame::PROTOCOL_VERSION;
 use crate::machine::{version_compatible, Failure, GuestError, Output, Timeouts};
 use crate::message::{
-    Abort, AbortReason, Capabilities, ConfigReply, CpuVendor, Hello, Message, MessageError,
-    PageBatch, RefuseReason, VmConfig, PAGE_SIZE,
+    decompress_page_into, Abort, AbortReason, Capabilities, ConfigReply, CpuVendor, Hello, Message,
+    MessageError, PageBatch, PageEncoding, RefuseReason, VmConfig, PAGE_SIZE, ZERO_PAGE,
 };
 
 /// The destination's view of the VM it builds.
@@ -296,6 +297,9 @@ impl Destination {
             .vm
             .as_ref()
             .map_or(0, |vm| vm.mem_bytes / PAGE_SIZE as u64);
+        // Raw pages are written from the decoded message and zero pages from one static page,
+        // with no copy in between; compressed pages are decoded into one buffer per batch.
+        let mut scratch: Option<Box<[u8; PAGE_SIZE]>> = None;
         for entry in &batch.entries {
             if entry.page >= pages {
                 return Err((
@@ -303,11 +307,17 @@ impl Destination {
                     alloc::format!("page {} beyond the VM's {pages} pages", entry.page),
                 ));
             }
-            let data = entry
-                .encoding
-                .to_page()
-                .map_err(|e| (AbortReason::ProtocolError, alloc::format!("{e}")))?;
-            host.write_page(entry.page, &data)
+            let data: &[u8; PAGE_SIZE] = match &entry.encoding {
+                PageEncoding::Raw(bytes) => bytes,
+                PageEncoding::Zero => &ZERO_PAGE,
+                PageEncoding::Compressed(bytes) => {
+                    let page = scratch.get_or_insert_with(|| Box::new([0; PAGE_SIZE]));
+                    decompress_page_into(bytes, page)
+                        .map_err(|e| (AbortReason::ProtocolError, alloc::format!("{e}")))?;
+                    page
+                }
+            };
+            host.write_page(entry.page, data)
                 .map_err(|e| (AbortReason::LocalFailure, alloc::format!("{e}")))?;
             self.pages_received += 1;
         }

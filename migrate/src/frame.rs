@@ -185,23 +185,55 @@ pub fn encode(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> Result<(), 
             len: payload.len() as u64,
         });
     }
-    // Cannot truncate: MAX_PAYLOAD fits in a u32.
-    let payload_len = payload.len() as u32;
-
-    let mut checked_header = [0u8; CHECKED_HEADER_LEN];
-    checked_header[0..4].copy_from_slice(&MAGIC);
-    checked_header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    checked_header[6..8].copy_from_slice(&kind.code().to_le_bytes());
-    checked_header[8..12].copy_from_slice(&payload_len.to_le_bytes());
-
-    let mut crc = Crc32c::new();
-    crc.update(&checked_header);
-    crc.update(payload);
-
     out.reserve(HEADER_LEN + payload.len());
-    out.extend_from_slice(&checked_header);
-    out.extend_from_slice(&crc.finish().to_le_bytes());
-    out.extend_from_slice(payload);
+    encode_with(kind, out, |out| {
+        out.extend_from_slice(payload);
+        Ok::<(), FrameError>(())
+    })
+}
+
+/// Appends one frame of `kind` to `out`, its payload written in place by `write_payload`, which
+/// may only append to the vector it is given: the header is reserved first and filled in (length
+/// and checksum over the header fields and the payload where it lies) once the payload is there.
+/// This spares the payload a buffer of its own and a second copy.
+///
+/// If `write_payload` fails, or writes more than [`MAX_PAYLOAD`] bytes (then the error is
+/// [`FrameError::TooLarge`]), `out` is truncated back to its length before the call, so it never
+/// holds half a frame.
+pub fn encode_with<E: From<FrameError>>(
+    kind: FrameKind,
+    out: &mut Vec<u8>,
+    write_payload: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    if let Err(error) = write_payload(out) {
+        out.truncate(start);
+        return Err(error);
+    }
+    let payload_start = start + HEADER_LEN;
+    assert!(
+        out.len() >= payload_start,
+        "a payload writer removed bytes it did not write"
+    );
+    let payload_len = out.len() - payload_start;
+    if payload_len > MAX_PAYLOAD {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            len: payload_len as u64,
+        }
+        .into());
+    }
+    let frame = &mut out[start..];
+    frame[0..4].copy_from_slice(&MAGIC);
+    frame[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame[6..8].copy_from_slice(&kind.code().to_le_bytes());
+    // Cannot truncate: MAX_PAYLOAD fits in a u32.
+    frame[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    let mut crc = Crc32c::new();
+    crc.update(&frame[..CHECKED_HEADER_LEN]);
+    crc.update(&frame[HEADER_LEN..]);
+    frame[CHECKED_HEADER_LEN..HEADER_LEN].copy_from_slice(&crc.finish().to_le_bytes());
     Ok(())
 }
 
@@ -224,13 +256,21 @@ fn u32_at(bytes: &[u8], offset: usize) -> u32 {
 /// bytes and an oversized length is refused before anything waits for (or buffers) the payload.
 /// Once an error is returned, the decoder is failed for good: it returns the same error on every
 /// later call and drops further input, since the frame boundaries are lost.
+///
+/// Bytes can be received straight into the decoder's buffer ([`push_with`](Self::push_with)) and
+/// payloads read where they lie ([`next_payload`](Self::next_payload)), so a page travelling
+/// through it is copied once, by the pipe.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
-    /// Received bytes; those before `consumed` were already returned as frames.
+    /// Received bytes in `consumed..filled`; those before `consumed` were already returned as
+    /// frames, those from `filled` on are room for the next bytes (initialised already, so
+    /// receiving into it costs no zeroing).
     buffer: Vec<u8>,
     /// Frames are taken by advancing this offset rather than by shifting the buffer, so that a
-    /// push holding many frames costs linear, not quadratic, time. `push` compacts.
+    /// push holding many frames costs linear, not quadratic, time. The unreturned tail moves to
+    /// the front only when room runs out, and only if that moves no more than was consumed.
     consumed: usize,
+    filled: usize,
     failure: Option<FrameError>,
 }
 
@@ -240,6 +280,7 @@ impl FrameDecoder {
         Self {
             buffer: Vec::new(),
             consumed: 0,
+            filled: 0,
             failure: None,
         }
     }
@@ -249,14 +290,59 @@ impl FrameDecoder {
         if self.failure.is_some() {
             return;
         }
-        // Only the unreturned tail moves, usually less than one frame.
-        self.buffer.drain(..self.consumed);
-        self.consumed = 0;
-        self.buffer.extend_from_slice(bytes);
+        self.make_room(bytes.len());
+        self.buffer[self.filled..self.filled + bytes.len()].copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Receives up to `max` bytes straight into the buffer: `fill` gets room for `max` bytes and
+    /// returns how many it wrote at its start (counts above `max` are taken as `max`). Returns
+    /// that count, or `fill`'s error (bytes written before an error are not kept: report them
+    /// first). Like [`push`](Self::push), a failed decoder drops what `fill` writes.
+    pub fn push_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        self.make_room(max);
+        let got = fill(&mut self.buffer[self.filled..self.filled + max])?.min(max);
+        if self.failure.is_none() {
+            self.filled += got;
+        }
+        Ok(got)
+    }
+
+    /// Makes sure at least `want` bytes of room follow `filled`.
+    fn make_room(&mut self, want: usize) {
+        if self.consumed == self.filled {
+            self.consumed = 0;
+            self.filled = 0;
+        }
+        if self.buffer.len() - self.filled >= want {
+            return;
+        }
+        let pending = self.filled - self.consumed;
+        if self.consumed >= pending {
+            self.buffer.copy_within(self.consumed..self.filled, 0);
+            self.consumed = 0;
+            self.filled = pending;
+        }
+        if self.buffer.len() - self.filled < want {
+            self.buffer.resize(self.filled + want, 0);
+        }
     }
 
     /// The next complete frame: `Ok(None)` if more bytes are needed, `Err` if the stream is bad.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        Ok(self.next_payload()?.map(|(kind, payload)| Frame {
+            kind,
+            payload: payload.to_vec(),
+        }))
+    }
+
+    /// Like [`next_frame`](Self::next_frame), with the payload borrowed from the decoder's buffer
+    /// instead of copied out of it.
+    pub fn next_payload(&mut self) -> Result<Option<(FrameKind, &[u8])>, FrameError> {
         if let Some(error) = self.failure {
             return Err(error);
         }
@@ -265,22 +351,25 @@ impl FrameDecoder {
                 self.failure = Some(error);
                 self.buffer = Vec::new();
                 self.consumed = 0;
+                self.filled = 0;
                 Err(error)
             }
-            ok => ok,
+            Ok(None) => Ok(None),
+            Ok(Some((kind, start, end))) => Ok(Some((kind, &self.buffer[start..end]))),
         }
     }
 
     /// Number of bytes received but not yet returned as frames.
     pub fn buffered_len(&self) -> usize {
-        self.buffer.len() - self.consumed
+        self.filled - self.consumed
     }
 
-    fn take_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+    /// Checks and takes the next complete frame: its kind and where its payload lies.
+    fn take_frame(&mut self) -> Result<Option<(FrameKind, usize, usize)>, FrameError> {
         let Some(payload_len) = self.check_header()? else {
             return Ok(None);
         };
-        let pending = &self.buffer[self.consumed..];
+        let pending = &self.buffer[self.consumed..self.filled];
         let frame_len = HEADER_LEN + payload_len;
         if pending.len() < frame_len {
             return Ok(None);
@@ -297,15 +386,15 @@ impl FrameDecoder {
 
         // check_header accepted the kind already.
         let kind = FrameKind::from_code(u16_at(pending, 6))?;
-        let payload = pending[HEADER_LEN..frame_len].to_vec();
+        let start = self.consumed + HEADER_LEN;
         self.consumed += frame_len;
-        Ok(Some(Frame { kind, payload }))
+        Ok(Some((kind, start, self.consumed)))
     }
 
     /// Checks the header fields that have arrived. Returns the payload length once the whole
     /// header is buffered, `None` while it is incomplete.
     fn check_header(&self) -> Result<Option<usize>, FrameError> {
-        let pending = &self.buffer[self.consumed..];
+        let pending = &self.buffer[self.consumed..self.filled];
         let header = &pending[..pending.len().min(HEADER_LEN)];
         if header.len() >= 4 && header[0..4] != MAGIC {
             let mut found = [0u8; 4];
@@ -410,6 +499,100 @@ mod tests {
         assert_eq!(bytes[12..16], crc32c(&covered).to_le_bytes());
         assert_eq!(&bytes[16..], b"abc");
         assert_eq!(bytes.len(), HEADER_LEN + 3);
+    }
+
+    #[test]
+    fn in_place_encoding_gives_the_same_bytes_and_rolls_back_on_error() {
+        let mut out = b"queued".to_vec();
+        encode_with(FrameKind::VmConfig, &mut out, |o| {
+            o.extend_from_slice(b"payload");
+            Ok::<(), FrameError>(())
+        })
+        .unwrap();
+        // Built by hand, not by `encode` (which writes in place too).
+        let mut covered = b"HVMG\x01\x00\x02\x00\x07\x00\x00\x00".to_vec();
+        covered.extend_from_slice(b"payload");
+        let mut expected = b"queued".to_vec();
+        expected.extend_from_slice(&covered[..CHECKED_HEADER_LEN]);
+        expected.extend_from_slice(&crc32c(&covered).to_le_bytes());
+        expected.extend_from_slice(b"payload");
+        assert_eq!(out, expected);
+
+        let before = out.clone();
+        let refused = FrameError::UnknownKind { code: 0 };
+        assert_eq!(
+            encode_with(FrameKind::Commit, &mut out, |o| {
+                o.extend_from_slice(b"half");
+                Err(refused)
+            }),
+            Err(refused)
+        );
+        assert_eq!(out, before);
+        assert_eq!(
+            encode_with(FrameKind::PageBatch, &mut out, |o| {
+                o.resize(o.len() + MAX_PAYLOAD + 1, 0);
+                Ok::<(), FrameError>(())
+            }),
+            Err(FrameError::TooLarge {
+                len: MAX_PAYLOAD as u64 + 1
+            })
+        );
+        assert_eq!(out, before);
+    }
+
+    #[test]
+    fn receiving_in_place_and_borrowed_payloads() {
+        let payloads: Vec<Vec<u8>> = (0..60usize).map(|i| vec![i as u8; i * 53]).collect();
+        let mut stream = Vec::new();
+        for p in &payloads {
+            encode(FrameKind::PageBatch, p, &mut stream).unwrap();
+        }
+        // Pieces of changing sizes with frames taken in between, so the buffer compacts and grows.
+        let mut decoder = FrameDecoder::new();
+        let mut pos = 0;
+        let mut got = Vec::new();
+        let mut piece = 1;
+        while pos < stream.len() {
+            let n = decoder
+                .push_with(piece, |room| {
+                    let n = room.len().min(stream.len() - pos);
+                    room[..n].copy_from_slice(&stream[pos..pos + n]);
+                    Ok::<usize, ()>(n)
+                })
+                .unwrap();
+            pos += n;
+            piece = piece * 3 % 997 + 1;
+            while let Some((kind, payload)) = decoder.next_payload().unwrap() {
+                assert_eq!(kind, FrameKind::PageBatch);
+                got.push(payload.to_vec());
+            }
+        }
+        assert_eq!(got, payloads);
+        assert_eq!(decoder.buffered_len(), 0);
+
+        // A filler claiming more than the room counts as filling the room; an error keeps nothing.
+        let mut decoder = FrameDecoder::new();
+        assert_eq!(decoder.push_with(4, |_| Ok::<usize, ()>(usize::MAX)), Ok(4));
+        assert_eq!(decoder.buffered_len(), 4);
+        assert_eq!(
+            decoder.push_with(4, |_| Err::<usize, _>("closed")),
+            Err("closed")
+        );
+        assert_eq!(decoder.buffered_len(), 4);
+        // The four zero bytes are a bad magic; a failed decoder drops what it receives.
+        assert!(matches!(
+            decoder.next_payload(),
+            Err(FrameError::BadMagic { .. })
+        ));
+        assert_eq!(
+            decoder.push_with(8, |room| Ok::<usize, ()>(room.len())),
+            Ok(8)
+        );
+        assert_eq!(decoder.buffered_len(), 0);
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(FrameError::BadMagic { .. })
+        ));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub mod policy;
 pub mod source;
 
 #[cfg(test)]
+mod bench_tests;
+#[cfg(test)]
 mod end_to_end_tests;
 #[cfg(test)]
 mod testing;

@@ -6,7 +6,6 @@
 //! never decides anything about the protocol; errors are returned for the driver above to turn
 //! into aborts.
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -18,7 +17,8 @@ use crate::message::{Message, MessageError};
 /// VMs. 256 KiB is 64 raw pages, a few milliseconds of page writes.
 pub const RECEIVE_BUDGET: usize = 256 * 1024;
 
-/// Size of each read from the pipe. Kept on the heap, since kernel stacks are small.
+/// Size of each read from the pipe (into the decoder's buffer, on the heap: kernel stacks are
+/// small).
 const RECEIVE_CHUNK: usize = 16 * 1024;
 
 /// An outbound buffer emptied after a burst keeps at most this much capacity, so one large final
@@ -113,7 +113,6 @@ pub struct FrameLink {
     out_start: usize,
     bytes_sent: u64,
     decoder: FrameDecoder,
-    scratch: Vec<u8>,
     bytes_received: u64,
     failure: Option<LinkError>,
 }
@@ -132,7 +131,6 @@ impl FrameLink {
             out_start: 0,
             bytes_sent: 0,
             decoder: FrameDecoder::new(),
-            scratch: Vec::new(),
             bytes_received: 0,
             failure: None,
         }
@@ -193,22 +191,18 @@ impl FrameLink {
     }
 
     /// Pulls what is waiting in the pipe, at most [`RECEIVE_BUDGET`] bytes, into the decoder.
+    /// The pipe writes straight into the decoder's buffer: no bytes are copied on the way.
     ///
     /// Bytes read before a pipe error stay in the decoder, so messages the peer sent just before
     /// closing can still be taken with [`next_message`](Self::next_message).
     pub fn receive(&mut self, pipe: &mut impl Pipe) -> Result<(), PipeError> {
-        if self.scratch.is_empty() {
-            self.scratch = vec![0; RECEIVE_CHUNK];
-        }
         let mut budget = RECEIVE_BUDGET;
         while budget > 0 {
-            let want = budget.min(self.scratch.len());
-            let buf = &mut self.scratch[..want];
-            let got = pipe.recv(buf)?.min(want);
+            let want = budget.min(RECEIVE_CHUNK);
+            let got = self.decoder.push_with(want, |buf| pipe.recv(buf))?;
             if got == 0 {
                 break;
             }
-            self.decoder.push(&buf[..got]);
             self.bytes_received += got as u64;
             budget -= got;
         }
@@ -220,9 +214,12 @@ impl FrameLink {
         if let Some(error) = &self.failure {
             return Err(error.clone());
         }
-        let result = match self.decoder.next_frame() {
+        // The payload is decoded where it lies in the decoder's buffer.
+        let result = match self.decoder.next_payload() {
             Ok(None) => return Ok(None),
-            Ok(Some(frame)) => Message::decode(&frame).map(Some).map_err(LinkError::from),
+            Ok(Some((kind, payload))) => Message::decode_payload(kind, payload)
+                .map(Some)
+                .map_err(LinkError::from),
             Err(error) => Err(LinkError::from(error)),
         };
         if let Err(error) = &result {
@@ -239,6 +236,7 @@ mod tests {
     use alloc::boxed::Box;
     use alloc::collections::VecDeque;
     use alloc::string::ToString;
+    use alloc::vec;
 
     /// A pipe over memory that accepts at most `send_limit` bytes per `send` call and returns at
     /// most `recv_limit` bytes per `recv` call.

@@ -19,6 +19,7 @@
 //! (the cluster's owner record / the disk reservation, see storage/) and calls
 //! [`Source::resolve_in_doubt`]. This is where we differ from "the source resumes on any error".
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -27,9 +28,9 @@ use core::fmt;
 use crate::frame::{HEADER_LEN, PROTOCOL_VERSION};
 use crate::machine::{version_compatible, Failure, GuestError, Output, Timeouts};
 use crate::message::{
-    encode_page, Abort, AbortReason, Capabilities, ConfigReply, CpuVendor, DeviceStateMsg, Hello,
-    Message, MessageError, PageBatch, PageEncoding, PageEntry, RoundMarker, VcpuStateMsg, VmConfig,
-    PAGE_SIZE,
+    compact_encoding, Abort, AbortReason, Capabilities, ConfigReply, CpuVendor, DeviceStateMsg,
+    Hello, Message, MessageError, PageBatch, PageEncoding, PageEntry, RoundMarker, VcpuStateMsg,
+    VmConfig, PAGE_SIZE,
 };
 use crate::policy::{Decision, Policy, PolicyConfig, PolicyError};
 
@@ -551,11 +552,20 @@ impl Source {
             .saturating_add(self.config.batch_pages)
             .min(self.round_pages.len());
         let mut entries = Vec::with_capacity(end - self.cursor);
-        let mut buffer = [0u8; PAGE_SIZE];
+        // Pages are read into a box that becomes the entry of a raw page, so a raw page is not
+        // copied again on its way into the message; a box of a page sent otherwise is reused.
+        let mut spare: Option<Box<[u8; PAGE_SIZE]>> = None;
         let mut bytes = (HEADER_LEN + 8) as u64;
         for &page in self.round_pages.get(self.cursor..end).unwrap_or(&[]) {
+            let mut buffer = spare.take().unwrap_or_else(|| Box::new([0u8; PAGE_SIZE]));
             guest.read_page(page, &mut buffer)?;
-            let encoding = encode_page(&buffer, self.caps);
+            let encoding = match compact_encoding(&buffer, self.caps) {
+                Some(encoding) => {
+                    spare = Some(buffer);
+                    encoding
+                }
+                None => PageEncoding::Raw(buffer),
+            };
             bytes += encoding.wire_len() as u64;
             match encoding {
                 PageEncoding::Raw(_) => self.summary.pages_raw += 1,
