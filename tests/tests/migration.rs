@@ -383,6 +383,11 @@ fn bad_requests_refusal_and_cancel_leave_the_vm_on_the_source() {
         ("migrate vm1 node1", "already runs on this node"),
         ("migrate vm1 10.10.0.1", "already runs on this node"),
         ("migrate vm1", "usage"),
+        (
+            "migrate vm1 node2 downtime=0",
+            "downtime must be 1..=10000 ms",
+        ),
+        ("migrate vm1 node2 speed=3", "unknown option 'speed=3'"),
         ("migrate cancel vm1", "no migration of 'vm1'"),
         ("migrate resolve vm1 maybe", "here' or 'there'"),
     ] {

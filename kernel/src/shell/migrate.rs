@@ -1,24 +1,49 @@
 //! The `migrate` console command: start, watch, cancel and resolve live migrations.
 //!
 //! `migrate <vm> <node>` returns at once; the migration runs in the console loop and prints a
-//! summary line when it ends. A VM named `status`, `cancel` or `resolve` cannot be migrated with
-//! the short form (rename it): the subcommands take precedence.
+//! summary line when it ends. A VM named `status`, `cancel`, `resolve` or `debug` cannot be
+//! migrated (rename it): the subcommands take precedence.
 
 use alloc::format;
 use alloc::string::ToString;
 use core::fmt::Write;
 
-use kernel::console::shell::CommandError;
+use kernel::console::shell::{parse_number, CommandError};
 
 use super::Node;
+use crate::migration::{Request, DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS};
 
 type Result = core::result::Result<(), CommandError>;
 
 pub const MIGRATE_USAGE: &str =
-    "<vm> <node|address> | status | cancel <vm> | resolve <vm> here|there";
+    "<vm> <node|address> [downtime=<ms>] | status | cancel <vm> | resolve <vm> here|there";
 
 fn out_err(_: core::fmt::Error) -> CommandError {
     CommandError::Failed("console write failed".into())
+}
+
+/// `downtime=<ms>` (the only option so far).
+fn parse_options(options: &[&str]) -> core::result::Result<u64, CommandError> {
+    let mut downtime_ms = DEFAULT_DOWNTIME_MS;
+    for option in options {
+        match option.split_once('=') {
+            Some(("downtime", value)) => {
+                downtime_ms = parse_number("downtime", value)?;
+                if !(1..=MAX_DOWNTIME_MS).contains(&downtime_ms) {
+                    return Err(CommandError::BadArguments(format!(
+                        "downtime must be 1..={MAX_DOWNTIME_MS} ms, not {downtime_ms}"
+                    )));
+                }
+            }
+            _ => {
+                return Err(CommandError::BadArguments(format!(
+                    "unknown option '{}' (downtime=<ms>)",
+                    super::net::shorten(option)
+                )))
+            }
+        }
+    }
+    Ok(downtime_ms)
 }
 
 pub fn migrate(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
@@ -49,7 +74,8 @@ pub fn migrate(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
             "resolve takes 'here' or 'there', not '{}'",
             super::net::shorten(side)
         ))),
-        [vm, target] => {
+        [vm, target, options @ ..] if !matches!(*vm, "status" | "cancel" | "resolve" | "debug") => {
+            let downtime_ms = parse_options(options)?;
             if node.vms.get(vm).is_err() {
                 return Err(CommandError::Failed(format!(
                     "no VM named '{}' on this node (see 'vm list')",
@@ -73,12 +99,18 @@ pub fn migrate(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
                     "this node cannot run VMs (no SVM or VMX)".into(),
                 ));
             };
+            let request = Request {
+                vm,
+                target: ip,
+                label: &label,
+                downtime_ms,
+            };
             node.migrations
-                .start(&mut node.net, &mut node.vms, vm, ip, &label, vendor)
+                .start(&mut node.net, &mut node.vms, &request, vendor)
                 .map_err(|e| CommandError::Failed(e.to_string()))?;
             writeln!(
                 out,
-                "migrating {vm} to {label} ({ip}); 'migrate status' shows progress"
+                "migrating {vm} to {label} ({ip}), downtime target {downtime_ms} ms; 'migrate status' shows progress"
             )
             .map_err(out_err)
         }
