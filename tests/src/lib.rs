@@ -984,6 +984,28 @@ pub fn parse_exception_report(text: &str) -> Option<ExceptionReport> {
     })
 }
 
+/// The `0x..` number right after `key` in `text` (e.g. a memory digest in a node's line).
+pub fn hex_after(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let word = rest.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    u64::from_str_radix(word.strip_prefix("0x")?, 16).ok()
+}
+
+impl Console {
+    /// Asks the test guest `vm` for a full verification of its memory (`vm verify`) and panics
+    /// unless it answers `verify ok` within `timeout`.
+    pub fn verify_guest(&mut self, vm: &str, timeout: Duration) {
+        let (_, out) = self
+            .command_amid_output(&format!("vm verify {vm}"))
+            .unwrap();
+        assert!(out.contains("verification requested"), "{out}");
+        let ok = format!("[{vm}] verify ok");
+        let failed = format!("[{vm}] verify FAILED");
+        let (which, text) = self.expect_any(&[&ok, &failed], timeout).unwrap();
+        assert_eq!(which, 0, "{vm}'s verification failed:\n{text}");
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), for garbage-input tests that fail the same
 /// way every time.
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {

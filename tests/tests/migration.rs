@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use tests::{Cluster, ClusterOptions, Console};
+use tests::{hex_after, Cluster, ClusterOptions, Console};
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -36,13 +36,6 @@ const GUEST_LINE: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Parsers (pure; unit-tested below)
 // ---------------------------------------------------------------------------------------------
-
-/// The `0x..` number following `key ` in `line`.
-fn hex_after(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let word = rest.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
-    u64::from_str_radix(word.strip_prefix("0x")?, 16).ok()
-}
 
 /// The heartbeat numbers of `[name] heartbeat N ok` lines, in order; panics on a FAIL line.
 fn heartbeats(text: &str, name: &str) -> Vec<u64> {
@@ -163,16 +156,6 @@ fn start_guest(cluster: &mut Cluster, k: usize, dirty: u64) {
     c.expect("[vm1] heartbeat 1 ok", GUEST_LINE).unwrap();
 }
 
-/// Asks the guest on node `k` for a full verification and checks the answer.
-fn verify(c: &mut Console) {
-    let (_, out) = c.command_amid_output("vm verify vm1").unwrap();
-    assert!(out.contains("verification requested"), "{out}");
-    let (which, text) = c
-        .expect_any(&["[vm1] verify ok", "[vm1] verify FAILED"], GUEST_LINE)
-        .unwrap();
-    assert_eq!(which, 0, "the guest's verification failed:\n{text}");
-}
-
 /// Whether `vm list` on `c` shows vm1, and its state.
 fn listed_state(c: &mut Console) -> Option<String> {
     let (_, out) = c.command_amid_output("vm list").unwrap();
@@ -257,7 +240,7 @@ fn migrate_and_check(cluster: &mut Cluster, from: usize, to: usize) -> Summary {
         );
     }
 
-    verify(cluster.console(to));
+    cluster.console(to).verify_guest("vm1", GUEST_LINE);
     assert_eq!(
         listed_state(cluster.console(to)).as_deref(),
         Some("running")
@@ -277,7 +260,7 @@ fn assert_stayed_on_node1(cluster: &mut Cluster) {
         .console(1)
         .expect("[vm1] heartbeat ", GUEST_LINE)
         .unwrap();
-    verify(cluster.console(1));
+    cluster.console(1).verify_guest("vm1", GUEST_LINE);
 }
 
 fn wait_failed_on_node1(cluster: &mut Cluster) -> String {

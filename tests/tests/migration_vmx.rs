@@ -10,25 +10,10 @@
 
 use std::time::Duration;
 
-use tests::{Cluster, ClusterOptions, Console, Emulator};
+use tests::{hex_after, Cluster, ClusterOptions, Emulator};
 
 const MIGRATION: Duration = Duration::from_secs(300);
 const GUEST_LINE: Duration = Duration::from_secs(90);
-
-/// The `0x..` number after `key` in `text`.
-fn hex_after(text: &str, key: &str) -> Option<u64> {
-    let rest = &text[text.find(key)? + key.len()..];
-    let word = rest.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
-    u64::from_str_radix(word.strip_prefix("0x")?, 16).ok()
-}
-
-fn verify(c: &mut Console) {
-    c.command_amid_output("vm verify vm1").unwrap();
-    let (which, text) = c
-        .expect_any(&["[vm1] verify ok", "[vm1] verify FAILED"], GUEST_LINE)
-        .unwrap();
-    assert_eq!(which, 0, "the guest's verification failed:\n{text}");
-}
 
 /// Moves vm1 from node `from` to node `to`: completed, same memory digest on both sides, the
 /// guest verifies its memory on the destination.
@@ -74,7 +59,7 @@ fn migrate(cluster: &mut Cluster, from: usize, to: usize) {
     let destination =
         hex_after(&format!("{arrived}{rest}"), "memory digest ").expect("destination digest");
     assert_eq!(source, destination, "memory differs after the move");
-    verify(cluster.console(to));
+    cluster.console(to).verify_guest("vm1", GUEST_LINE);
 }
 
 #[test]
