@@ -21,10 +21,9 @@ use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::frame::PROTOCOL_VERSION;
 use crate::machine::{version_compatible, Failure, GuestError, Output, Timeouts};
 use crate::message::{
-    decompress_page_into, Abort, AbortReason, Capabilities, ConfigReply, CpuVendor, Hello, Message,
+    decompress_page_into, AbortReason, Capabilities, ConfigReply, CpuVendor, Hello, Message,
     MessageError, PageBatch, PageEncoding, RefuseReason, VmConfig, PAGE_SIZE, ZERO_PAGE,
 };
 
@@ -89,14 +88,12 @@ pub struct Destination {
 }
 
 fn hello_of(config: &DestinationConfig) -> Hello {
-    Hello {
-        min_version: PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        node_name: config.node_name.clone(),
-        capabilities: config.capabilities,
-        cpu_vendor: config.cpu_vendor,
-        cpu_features: config.cpu_features,
-    }
+    crate::machine::hello(
+        &config.node_name,
+        config.capabilities,
+        config.cpu_vendor,
+        config.cpu_features,
+    )
 }
 
 impl Destination {
@@ -337,14 +334,8 @@ impl Destination {
             return;
         }
         if !by_peer {
-            let mut end = text.len().min(crate::message::MAX_TEXT_LEN);
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            self.out.push_back(Output::Send(Message::Abort(Abort {
-                reason,
-                text: text[..end].to_string(),
-            })));
+            self.out
+                .push_back(Output::Send(crate::machine::abort_message(reason, &text)));
         }
         if self.vm.is_some() {
             self.out

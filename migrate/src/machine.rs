@@ -10,7 +10,7 @@
 use alloc::string::String;
 use core::fmt;
 
-use crate::message::{AbortReason, Message, RefuseReason};
+use crate::message::{Abort, AbortReason, Capabilities, CpuVendor, Hello, Message, RefuseReason};
 
 /// One thing a state machine wants done, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,4 +102,33 @@ impl fmt::Display for Failure {
 /// True if `peer` accepts the protocol version this build speaks.
 pub(crate) fn version_compatible(min: u16, max: u16) -> bool {
     (min..=max).contains(&crate::frame::PROTOCOL_VERSION)
+}
+
+/// This node's hello: both ends open with the same message from their settings.
+pub(crate) fn hello(
+    node_name: &str,
+    capabilities: Capabilities,
+    cpu_vendor: CpuVendor,
+    cpu_features: u64,
+) -> Hello {
+    Hello {
+        min_version: crate::frame::PROTOCOL_VERSION,
+        max_version: crate::frame::PROTOCOL_VERSION,
+        node_name: String::from(node_name),
+        capabilities,
+        cpu_vendor,
+        cpu_features,
+    }
+}
+
+/// An abort whose text (for logs) is cut to what the wire allows, at a character boundary.
+pub(crate) fn abort_message(reason: AbortReason, text: &str) -> Message {
+    let mut end = text.len().min(crate::message::MAX_TEXT_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Abort(Abort {
+        reason,
+        text: String::from(&text[..end]),
+    })
 }

@@ -25,12 +25,12 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::frame::{HEADER_LEN, PROTOCOL_VERSION};
+use crate::frame::HEADER_LEN;
 use crate::machine::{version_compatible, Failure, GuestError, Output, Timeouts};
 use crate::message::{
-    compact_encoding, Abort, AbortReason, Capabilities, ConfigReply, CpuVendor, DeviceStateMsg,
-    Hello, Message, MessageError, PageBatch, PageEncoding, PageEntry, RoundMarker, VcpuStateMsg,
-    VmConfig, PAGE_SIZE,
+    compact_encoding, AbortReason, Capabilities, ConfigReply, CpuVendor, DeviceStateMsg, Hello,
+    Message, MessageError, PageBatch, PageEncoding, PageEntry, RoundMarker, VcpuStateMsg, VmConfig,
+    PAGE_SIZE,
 };
 use crate::policy::{Decision, Policy, PolicyConfig, PolicyError};
 
@@ -184,14 +184,12 @@ pub struct Source {
 }
 
 fn hello_of(config: &SourceConfig) -> Hello {
-    Hello {
-        min_version: PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        node_name: config.node_name.clone(),
-        capabilities: config.capabilities,
-        cpu_vendor: config.cpu_vendor,
-        cpu_features: config.cpu_features,
-    }
+    crate::machine::hello(
+        &config.node_name,
+        config.capabilities,
+        config.cpu_vendor,
+        config.cpu_features,
+    )
 }
 
 /// Checks that `message` encodes, so the driver never holds a message the wire refuses
@@ -524,15 +522,8 @@ impl Source {
     }
 
     fn send_abort(&mut self, reason: AbortReason, text: &str) {
-        // The text is for logs; cut it to what the wire allows at a character boundary.
-        let mut end = text.len().min(crate::message::MAX_TEXT_LEN);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.out.push_back(Output::Send(Message::Abort(Abort {
-            reason,
-            text: text[..end].to_string(),
-        })));
+        self.out
+            .push_back(Output::Send(crate::machine::abort_message(reason, text)));
     }
 
     fn begin_round(&mut self, now: u64, pages: Vec<u64>) {
