@@ -25,48 +25,7 @@ const RECEIVE_CHUNK: usize = 16 * 1024;
 /// batch does not pin megabytes for the rest of the connection.
 const KEEP_CAPACITY: usize = 1024 * 1024;
 
-/// A non-blocking byte pipe (the kernel implements it over a smoltcp TCP socket, tests over
-/// memory).
-///
-/// `recv` should return everything the peer sent before reporting [`PipeError::Closed`], so that
-/// a last message followed by an orderly close (a `CommitAck`, say) is not lost.
-pub trait Pipe {
-    /// Sends a prefix of `data` without blocking; Ok(0) when the pipe cannot take more now
-    /// (including a connection not yet established).
-    fn send(&mut self, data: &[u8]) -> Result<usize, PipeError>;
-    /// Receives without blocking; Ok(0) when nothing is waiting.
-    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError>;
-    /// Bytes the pipe accepted that the peer has not received yet (a TCP socket's unacknowledged
-    /// send queue). The source ends a pre-copy round only once this is zero: otherwise the
-    /// pause would start with a send buffer's worth of old pages ahead of the final ones, all of
-    /// it downtime, and the policy would measure how fast a buffer fills, not the link.
-    fn in_flight(&self) -> usize {
-        0
-    }
-}
-
-/// Why a pipe can no longer carry bytes. Every variant is final for the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PipeError {
-    /// The peer closed the connection.
-    Closed,
-    /// The connection was reset (by the peer, or by the stack after retransmissions failed).
-    Reset,
-    /// Any other failure of the underlying transport.
-    Other,
-}
-
-impl fmt::Display for PipeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PipeError::Closed => "connection closed by the peer",
-            PipeError::Reset => "connection reset",
-            PipeError::Other => "connection failed",
-        })
-    }
-}
-
-impl core::error::Error for PipeError {}
+pub use transport::{Pipe, PipeError};
 
 /// Why the inbound stream cannot be read any further.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,66 @@
+//! `transport`: the byte-stream seam between protocol code and the network.
+//!
+//! `migrate` (the live-migration stream) and `storage` (the iSCSI initiator) both talk to their
+//! peer through a [`Pipe`]: a non-blocking byte pipe that takes or gives what it can right now.
+//! The kernel implements it over a smoltcp TCP socket; host tests over memory or, with the `std`
+//! feature, over a `std::net::TcpStream` ([`TcpPipe`]). Nothing above a pipe may block: the
+//! kernel's one loop also runs the VMs.
+//!
+//! Dependency rule: plain `no_std` (std only behind the `std` feature, for host use). It never
+//! depends on hardware, the kernel, or any other crate of the workspace.
+
+#![no_std]
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+use core::fmt;
+
+#[cfg(feature = "std")]
+mod tcp;
+#[cfg(feature = "std")]
+pub use tcp::TcpPipe;
+
+/// A non-blocking byte pipe.
+///
+/// `recv` should return everything the peer sent before reporting [`PipeError::Closed`], so that
+/// a last message followed by an orderly close (a migration's `CommitAck`, an iSCSI Logout
+/// Response) is not lost.
+pub trait Pipe {
+    /// Sends a prefix of `data` without blocking; Ok(0) when the pipe cannot take more now
+    /// (including a connection not yet established).
+    fn send(&mut self, data: &[u8]) -> Result<usize, PipeError>;
+    /// Receives without blocking; Ok(0) when nothing is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError>;
+    /// Bytes the pipe accepted that the peer has not received yet (a TCP socket's unacknowledged
+    /// send queue). The migration source ends a pre-copy round only once this is zero: otherwise
+    /// the pause would start with a send buffer's worth of old pages ahead of the final ones, all
+    /// of it downtime, and its policy would measure how fast a buffer fills, not the link.
+    fn in_flight(&self) -> usize {
+        0
+    }
+}
+
+/// Why a pipe can no longer carry bytes. Every variant is final for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeError {
+    /// The peer closed the connection.
+    Closed,
+    /// The connection was reset (by the peer, or by the stack after retransmissions failed).
+    Reset,
+    /// Any other failure of the underlying transport.
+    Other,
+}
+
+impl fmt::Display for PipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PipeError::Closed => "connection closed by the peer",
+            PipeError::Reset => "connection reset",
+            PipeError::Other => "connection failed",
+        })
+    }
+}
+
+impl core::error::Error for PipeError {}
