@@ -9,6 +9,9 @@
 #   --bochs-cpu MODEL  Bochs CPU model (default corei7_skylake_x: EPT with A/D bits, PML)
 #   --mem MiB          memory per node (default 512)
 #   --nic MODEL        QEMU NIC model for the node links: e1000 (default) or virtio-net-pci
+#   --no-storage       no shared iSCSI target (by default, with two or more nodes, a tgtd on
+#                      127.0.0.1 serves one shared LUN to every node's storage network)
+#   --lun-mib N        size of the shared LUN in MiB (default 64)
 #   --capture          QEMU: record each node's cluster-link frames (first 256 bytes of each) in
 #                      DIR/nodeK.cluster.pcap (-object filter-dump)
 #   --set KEY=VALUE    add (or replace) a line in every node's configuration file; repeatable
@@ -41,6 +44,13 @@
 # UDP datagrams, linked through frame-hub on 127.0.0.1, a hub: every frame to every other node)
 # and the storage network on Bochs's user-mode network (ethmod=slirp, same addresses as QEMU's).
 #
+# Shared storage (two or more nodes, unless --no-storage): a tgtd iSCSI target listens on a free
+# 127.0.0.1 port (the nodes reach it as 10.0.2.2:PORT on their storage network) with target
+# iqn.2026-11.test.hv:cluster and LUN 1, a sparse file DIR/lun1.img of --lun-mib MiB. Every node's
+# configuration gets `iscsi_portal = 10.0.2.2:PORT`; DIR/storage.portal holds the host-side
+# address (127.0.0.1:PORT) and DIR/storage.iqn the target name, for host tools and tests. tgtd
+# ignores SIGTERM: it is taken offline and deleted through tgtadm when the run ends.
+#
 # Every QEMU node has a QMP socket, DIR/nodeK.qmp (tests use it to cut a node's link with
 # set_link), and each emulator's pid is in DIR/nodeK.pid (tests kill a node with it).
 #
@@ -66,6 +76,8 @@ TIMEOUT=180
 BUILD=1
 BUILD_ONLY=0
 CAPTURE=0
+STORAGE=1
+LUN_MIB=64
 SETS=()
 KERNEL_ARG=""
 
@@ -133,6 +145,15 @@ while [[ $# -gt 0 ]]; do
             CAPTURE=1
             shift
             ;;
+        --no-storage)
+            STORAGE=0
+            shift
+            ;;
+        --lun-mib)
+            need_arg "$@"
+            LUN_MIB="$2"
+            shift 2
+            ;;
         --kernel)
             need_arg "$@"
             KERNEL_ARG="$2"
@@ -152,6 +173,9 @@ done
 
 [[ "$NODES" =~ ^[1-9][0-9]?$ ]] || die "--nodes wants a number from 1 to 99, not '$NODES'"
 [[ "$MEM" =~ ^[1-9][0-9]*$ && "$MEM" -ge 32 ]] || die "--mem wants MiB (at least 32), not '$MEM'"
+[[ "$LUN_MIB" =~ ^[1-9][0-9]*$ ]] || die "--lun-mib wants MiB (at least 1), not '$LUN_MIB'"
+# The shared LUN is on the storage network, which only clusters of two or more nodes have.
+((NODES >= 2)) || STORAGE=0
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--timeout wants whole seconds, not '$TIMEOUT'"
 [[ "$NIC" =~ ^(e1000|virtio-net-pci|virtio|rtl8139)$ ]] || die "--nic: e1000, virtio-net-pci or rtl8139"
 [[ "$NIC" == virtio ]] && NIC=virtio-net-pci
@@ -256,12 +280,32 @@ stop_pids() {
     wait "${pids[@]}" 2>/dev/null || true
 }
 
+# tgtd ignores SIGTERM and keeps its control socket: take it down through tgtadm (bounded), so
+# stop_pids then only reaps it (or SIGKILLs a tgtd that did not listen).
+TGTD_PID=""
+TGTD_CONTROL=""
+stop_storage() {
+    [[ -n "$TGTD_PID" ]] && is_my_child "$TGTD_PID" || return 0
+    local t=(timeout -k 1 5 tgtadm -C "$TGTD_CONTROL")
+    "${t[@]}" --op update --mode sys --name State -v offline >/dev/null 2>&1 || true
+    "${t[@]}" --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
+    "${t[@]}" --op delete --mode system >/dev/null 2>&1 || true
+    local i
+    for ((i = 0; i < 20; i++)); do
+        is_my_child "$TGTD_PID" || break
+        sleep 0.1
+    done
+    # Its control socket files outlive it.
+    is_my_child "$TGTD_PID" || rm -f "/var/run/tgtd/socket.$TGTD_CONTROL" "/var/run/tgtd/socket.$TGTD_CONTROL.lock"
+}
+
 cleanup() {
     local rc=$?
     trap '' INT TERM
     # Emulators (and links) first, console relays last: a relay exits by itself once its node
     # has gone, with the node's last bytes in the log.
     local first=() last=() pid
+    stop_storage
     for pid in "${!PROC_NAME[@]}"; do
         if [[ "${PROC_NAME[$pid]}" == *relay* ]]; then
             last+=("$pid")
@@ -274,6 +318,7 @@ cleanup() {
     rm -f "$RUN_DIR"/*.img "$RUN_DIR"/*.img.lock "$RUN_DIR"/*.sock "$RUN_DIR"/*.serial \
         "$RUN_DIR"/*.relay-ready "$RUN_DIR/switch.in" "$RUN_DIR/hub.ready"
     rm -rf "$RUN_DIR/switch"
+    rm -f "$RUN_DIR/storage.portal" "$RUN_DIR/storage.iqn"
     if [[ -z "$HEADLESS" ]]; then
         echo "qemu-run: stopped; logs are in $RUN_DIR" >&2
     fi
@@ -324,6 +369,48 @@ wait_for() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Shared storage: tgtd on 127.0.0.1, the nodes' 10.0.2.2 (QEMU/Bochs user-mode network)
+# ---------------------------------------------------------------------------------------------
+STORAGE_IQN=iqn.2026-11.test.hv:cluster
+free_loopback_port() { # a TCP port nothing listens on now (tgtd cannot be given port 0)
+    local port i
+    for ((i = 0; i < 50; i++)); do
+        port=$((20000 + RANDOM % 40000))
+        ss -Hltn "sport = :$port" 2>/dev/null | grep -q . || { echo "$port"; return 0; }
+    done
+    return 1
+}
+tgtadm_ok() { timeout -k 1 5 tgtadm -C "$TGTD_CONTROL" "$@" >>"$RUN_DIR/tgtd.out" 2>&1; }
+start_storage() {
+    command -v tgtd >/dev/null || die "tgtd not found (Debian package tgt; scripts/setup.sh installs it), or use --no-storage"
+    local port attempt
+    for ((attempt = 1; attempt <= 3; attempt++)); do
+        port="$(free_loopback_port)" || die "no free loopback port for tgtd"
+        # The control socket number only has to be unique among tgtds on this machine.
+        TGTD_CONTROL="$port"
+        spawn "tgtd" KILL "$RUN_DIR/tgtd.out" tgtd -f --iscsi "portal=127.0.0.1:$port" -C "$TGTD_CONTROL"
+        TGTD_PID=$SPAWNED_PID
+        if wait_for "tgtd" "$TGTD_PID" 10 eval 'tgtadm_ok --op show --mode sys && ss -Hltn "sport = :$port" | grep -q .'; then
+            break
+        fi
+        # Lost a race for the port (or tgtd failed): try another one.
+        stop_pids "$TGTD_PID"
+        TGTD_PID=""
+    done
+    [[ -n "$TGTD_PID" ]] || { log_tail "$RUN_DIR/tgtd.out"; die "tgtd did not start (as root? see $RUN_DIR/tgtd.out)"; }
+    truncate -s "${LUN_MIB}M" "$RUN_DIR/lun1.img"
+    tgtadm_ok --lld iscsi --op new --mode target --tid 1 -T "$STORAGE_IQN" &&
+        tgtadm_ok --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$RUN_DIR/lun1.img" &&
+        tgtadm_ok --lld iscsi --op bind --mode target --tid 1 -I ALL ||
+        { log_tail "$RUN_DIR/tgtd.out"; die "setting up the iSCSI target failed"; }
+    STORAGE_PORT="$port"
+    echo "127.0.0.1:$port" >"$RUN_DIR/storage.portal"
+    echo "$STORAGE_IQN" >"$RUN_DIR/storage.iqn"
+}
+STORAGE_PORT=""
+((STORAGE)) && start_storage
+
+# ---------------------------------------------------------------------------------------------
 # Per-node configuration and images
 # ---------------------------------------------------------------------------------------------
 for ((k = 1; k <= NODES; k++)); do
@@ -343,6 +430,9 @@ for ((k = 1; k <= NODES; k++)); do
         done
         if [[ "$NODES" -ge 2 && ! -v "CFG[storage_addr]" ]]; then
             printf 'storage_addr = 10.0.2.15/24\n'
+        fi
+        if [[ -n "$STORAGE_PORT" && ! -v "CFG[iscsi_portal]" ]]; then
+            printf 'iscsi_portal = 10.0.2.2:%d\n' "$STORAGE_PORT"
         fi
     } >"$cfg"
     img="$RUN_DIR/node$k.img"

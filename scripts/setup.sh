@@ -38,8 +38,10 @@ say() { echo "setup: $*" >&2; }
 #   util-linux           setpriv --pdeathsig: emulators die with the launcher, whatever kills it
 #   iproute2             ss: finding free loopback ports
 #   busybox-static cpio  the Linux baseline's initramfs (tests/tests/baseline.rs)
+#   tgt                  tgtd, the iSCSI target of the shared storage (qemu-run.sh, storage tests)
+#   libiscsi-bin         iscsi-ls, iscsi-inq...: host-side checks of the shared LUN
 PACKAGES=(qemu-system-x86 ovmf bochs bochsbios vgabios bochs-term socat vde2 util-linux iproute2
-    busybox-static cpio)
+    busybox-static cpio tgt libiscsi-bin)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
