@@ -3,7 +3,7 @@
 //!
 //! The protocol and every decision live in the `migrate` crate (sans-IO state machines, driven
 //! through `migrate::driver` over a non-blocking pipe). This module is the glue: a smoltcp TCP
-//! connection on the cluster network as the pipe ([`pipe::SocketPipe`]), this node's VM table
+//! connection on the cluster network as the pipe ([`crate::net::SocketPipe`]), this node's VM table
 //! as the guest ([`glue`]), and the actions the machines ask for (throttle, pause, resume,
 //! destroy, announce) carried out on the VM table and the NIC.
 //!
@@ -11,7 +11,6 @@
 //! returned, then one `flush`: so a commit acknowledgement leaves only after the VM was resumed.
 
 mod glue;
-mod pipe;
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -33,9 +32,9 @@ use migrate::source::{Source, SourceAction, SourceConfig, SourceState};
 
 use crate::clock;
 use crate::net::Net;
+use crate::net::SocketPipe;
 use crate::vm::{VmState, VmTable};
 use glue::{DestinationNode, IncomingVm, SourceVm};
-use pipe::SocketPipe;
 
 /// The TCP port every node receives migrations on.
 pub const PORT: u16 = 7070;

@@ -12,6 +12,9 @@
 //! console itself waits for the call, which every timeout bounds.
 
 mod hw;
+mod pipe;
+
+pub use pipe::SocketPipe;
 
 use alloc::format;
 use alloc::string::String;

@@ -1,9 +1,10 @@
-//! A smoltcp TCP socket as the migration's non-blocking [`Pipe`].
+//! A smoltcp TCP socket as a non-blocking [`Pipe`]: the migration stream on the cluster network
+//! and the iSCSI connections on the storage network both ride on it.
 
 use ::net::smoltcp::socket::tcp::{Socket, State};
-use migrate::link::{Pipe, PipeError};
+use transport::{Pipe, PipeError};
 
-/// Borrows a connection's socket for one step of the migration loop.
+/// Borrows a connection's socket for one step of its protocol's loop.
 pub struct SocketPipe<'a>(pub &'a mut Socket<'static>);
 
 /// Whether the connection is still being set up (nothing to send or receive yet, not an error).
