@@ -33,6 +33,7 @@
 //! | `on_panic`  | `halt` (stop the CPU) or `exit` (power the emulator off with a failure status, for tests) | `halt` |
 //! | `cluster_addr` | this node's address on the cluster network, with prefix length (`10.10.0.1/24`); empty: none | none |
 //! | `storage_addr` | this node's address on the storage network (the second NIC), with prefix length (QEMU user networking: `10.0.2.15/24`), or `dhcp` (a lease from the network's DHCP server); empty: none | none |
+//! | `iscsi_portal` | the shared storage's iSCSI portal on the storage network, `a.b.c.d[:port]` (port 3260 if omitted; qemu-run.sh sets the host's tgtd, e.g. `10.0.2.2:32712`); empty: none | none |
 //! | `peer.<node>` | the cluster-network address of node `<node>` (a node name), e.g. `peer.node2 = 10.10.0.2` | |
 //!
 //! Values of `log_level`, `on_panic` and `storage_addr = dhcp` are matched ignoring ASCII case.
@@ -53,7 +54,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use log::LevelFilter;
-use net::addr::{Addressing, Ipv4, Ipv4Net};
+use net::addr::{Addressing, Endpoint, Ipv4, Ipv4Net};
 
 /// Longest line accepted, in bytes, without its line ending.
 pub const MAX_LINE: usize = 256;
@@ -64,13 +65,17 @@ pub const MAX_NAME: usize = 32;
 
 /// The keys [`NodeConfig`] knows, in the order it prints them (then the
 /// `peer.<node>` keys, see [`PEER_PREFIX`]).
-pub const KNOWN_KEYS: [&str; 5] = [
+pub const KNOWN_KEYS: [&str; 6] = [
     "name",
     "log_level",
     "on_panic",
     "cluster_addr",
     "storage_addr",
+    "iscsi_portal",
 ];
+
+/// The iSCSI port when a portal names none (RFC 7143 section 13.1: 3260).
+pub const ISCSI_DEFAULT_PORT: u16 = 3260;
 
 /// Keys `peer.<node>` give a peer node's cluster-network address.
 pub const PEER_PREFIX: &str = "peer.";
@@ -219,6 +224,11 @@ impl fmt::Display for ConfigErrorKind {
                     "bad value for `storage_addr`: a unicast IPv4 address with prefix length, \
                      e.g. 10.0.2.15/24, or dhcp (or empty for none)"
                 ),
+                "iscsi_portal" => write!(
+                    f,
+                    "bad value for `iscsi_portal`: a unicast IPv4 address and optional port, \
+                     e.g. 10.0.2.2:3260 (or empty for none)"
+                ),
                 k if peer_key_name(k).is_some() => write!(
                     f,
                     "bad value for `{k}`: a unicast IPv4 address, e.g. 10.10.0.2"
@@ -294,6 +304,8 @@ pub struct NodeConfig {
     pub cluster_addr: Option<Ipv4Net>,
     /// How this node gets its address on the storage network (`storage_addr`): static or DHCP.
     pub storage_addr: Option<Addressing>,
+    /// The shared storage's iSCSI portal (`iscsi_portal`).
+    pub iscsi_portal: Option<Endpoint>,
     /// Other nodes by name, in file order (names are unique).
     pub peers: Vec<Peer>,
     /// Keys this kernel does not know, with their values, in file order.
@@ -308,6 +320,7 @@ impl Default for NodeConfig {
             on_panic: OnPanic::Halt,
             cluster_addr: None,
             storage_addr: None,
+            iscsi_portal: None,
             peers: Vec::new(),
             extra: Vec::new(),
         }
@@ -420,6 +433,9 @@ impl NodeConfig {
         if let Some(addr) = self.storage_addr {
             entries.push(("storage_addr".into(), addr.to_string()));
         }
+        if let Some(portal) = self.iscsi_portal {
+            entries.push(("iscsi_portal".into(), portal.to_string()));
+        }
         for peer in &self.peers {
             entries.push((format!("{PEER_PREFIX}{}", peer.name), peer.addr.to_string()));
         }
@@ -475,6 +491,13 @@ impl NodeConfig {
                     None
                 } else {
                     Some(Addressing::parse(value).map_err(|_| bad())?)
+                };
+            }
+            "iscsi_portal" => {
+                self.iscsi_portal = if value.is_empty() {
+                    None
+                } else {
+                    Some(Endpoint::parse(value, ISCSI_DEFAULT_PORT).map_err(|_| bad())?)
                 };
             }
             _ if peer_key_name(key).is_some() => {
@@ -1001,6 +1024,25 @@ mod tests {
         assert!(printed.len() <= MAX_FILE);
         assert_eq!(printed, text);
         assert_eq!(parse(&printed).unwrap().0, config);
+    }
+
+    #[test]
+    fn iscsi_portal() {
+        let (config, warnings) = parse("iscsi_portal = 10.0.2.2:32712\n").unwrap();
+        assert!(warnings.is_empty());
+        let portal = config.iscsi_portal.unwrap();
+        assert_eq!((portal.addr, portal.port), (Ipv4([10, 0, 2, 2]), 32712));
+        assert_eq!(
+            config.get("iscsi_portal").as_deref(),
+            Some("10.0.2.2:32712")
+        );
+        let (config, _) = parse("iscsi_portal = 10.0.2.2\n").unwrap();
+        assert_eq!(config.iscsi_portal.unwrap().port, ISCSI_DEFAULT_PORT);
+        assert_eq!(parse("iscsi_portal =\n").unwrap().0.iscsi_portal, None);
+        assert!(error("iscsi_portal = 10.0.2.2:0")
+            .to_string()
+            .contains("iscsi_portal"));
+        assert!(is_known_key("iscsi_portal"));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! multicast, reserved or broadcast) and, in prefixes of /30 and shorter, neither the network
 //! nor the broadcast address of its own subnet.
 //!
-//! An interface is configured with an [`Addressing`]: a static `a.b.c.d/nn`, or `dhcp`.
+//! An interface is configured with an [`Addressing`]: a static `a.b.c.d/nn`, or `dhcp`. A
+//! service on another host is an [`Endpoint`]: `a.b.c.d` or `a.b.c.d:port` (an iSCSI portal).
 
 use core::fmt;
 
@@ -33,6 +34,8 @@ pub enum AddrError {
     NotUnicast,
     /// The network or broadcast address of its own subnet.
     SubnetEdge,
+    /// A `:port` that is not a decimal number 1..=65535.
+    Port,
 }
 
 impl fmt::Display for AddrError {
@@ -42,6 +45,7 @@ impl fmt::Display for AddrError {
             AddrError::Prefix => "needs a prefix length /1 to /32 (e.g. 10.10.0.1/24)",
             AddrError::NotUnicast => "not a unicast address",
             AddrError::SubnetEdge => "the network or broadcast address of its subnet",
+            AddrError::Port => "the port must be a number from 1 to 65535",
         })
     }
 }
@@ -90,6 +94,44 @@ impl Ipv4 {
     /// (multicast, reserved, limited broadcast).
     pub fn is_unicast(self) -> bool {
         !matches!(self.0[0], 0 | 127 | 224..=255)
+    }
+}
+
+/// A unicast address and a TCP port: `10.0.2.2:3260`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: Ipv4,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// Parses `a.b.c.d[:port]`; without a port, `default_port`. The address must be unicast.
+    pub fn parse(text: &str, default_port: u16) -> Result<Endpoint, AddrError> {
+        let (addr, port) = match text.split_once(':') {
+            Some((addr, port)) => {
+                let digits_ok = !port.is_empty()
+                    && port.len() <= 5
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && !port.starts_with('0');
+                let port = if digits_ok {
+                    port.parse::<u16>().ok()
+                } else {
+                    None
+                };
+                (addr, port.ok_or(AddrError::Port)?)
+            }
+            None => (text, default_port),
+        };
+        Ok(Endpoint {
+            addr: Ipv4::parse_unicast(addr)?,
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
     }
 }
 
@@ -317,5 +359,28 @@ mod tests {
         ] {
             assert!(!e.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn endpoints_with_and_without_port() {
+        let e = Endpoint::parse("10.0.2.2:3261", 3260).unwrap();
+        assert_eq!((e.addr, e.port), (Ipv4([10, 0, 2, 2]), 3261));
+        assert_eq!(e.to_string(), "10.0.2.2:3261");
+        assert_eq!(Endpoint::parse("10.0.2.2", 3260).unwrap().port, 3260);
+        for bad in [
+            "10.0.2.2:",
+            "10.0.2.2:0",
+            "10.0.2.2:65536",
+            "10.0.2.2:03260",
+            "10.0.2.2:x",
+        ] {
+            assert_eq!(Endpoint::parse(bad, 3260), Err(AddrError::Port), "{bad}");
+        }
+        assert_eq!(Endpoint::parse("10.0.2:1", 3260), Err(AddrError::Syntax));
+        assert_eq!(
+            Endpoint::parse("127.0.0.1:3260", 3260),
+            Err(AddrError::NotUnicast)
+        );
+        assert_eq!(Endpoint::parse("", 3260), Err(AddrError::Syntax));
     }
 }
