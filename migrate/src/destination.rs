@@ -3,8 +3,15 @@
 //! ```text
 //! AwaitHello -Hello-> AwaitConfig -VmConfig, admitted-> Receiving (batches, round markers)
 //!   Receiving -Switchover-> Final (final batches, vCPU and device state)
-//!   Final -Commit-> Done (ResumeVm, CommitAck, AnnounceMac)
+//!   Final -Commit-> [TakingDisk (TakeDisk) -disk taken->] Done (ResumeVm, CommitAck,
+//!   AnnounceMac)
 //! ```
+//!
+//! A VM with a shared disk (`VmConfig::disk_id`) is resumed only once this node holds the
+//! disk's reservation ([`DestinationAction::TakeDisk`], answered by
+//! [`Destination::on_disk_taken`]): from then on the source's writes are refused by the
+//! target, so the VM can never be written from two nodes. A takeover that fails or times out
+//! aborts the migration before the VM runs here (the source then reclaims the disk).
 //!
 //! The commit point is the `Commit` message: before it, any failure (abort, timeout, malformed or
 //! out-of-order message, local error) discards the copy and ends in `Failed`, so the VM never runs
@@ -49,6 +56,9 @@ pub enum DestinationAction {
     DiscardCopy,
     /// Announce the VM's MAC on the cluster network (gratuitous ARP/RARP).
     AnnounceMac([u8; 6]),
+    /// Take the VM's shared disk over (register this node, preempt the source's reservation),
+    /// then call [`Destination::on_disk_taken`].
+    TakeDisk,
 }
 
 /// Where the destination is.
@@ -58,6 +68,8 @@ pub enum DestinationState {
     AwaitConfig,
     Receiving,
     Final,
+    /// Everything arrived and the source committed; waiting for the disk's reservation.
+    TakingDisk,
     Done,
     Failed,
 }
@@ -144,6 +156,33 @@ impl Destination {
         if self.deadline.is_some_and(|d| now >= d) {
             let text = alloc::format!("timed out in state {:?}", self.state);
             self.abort(AbortReason::Timeout, text, false);
+        }
+    }
+
+    /// The answer to [`DestinationAction::TakeDisk`]: this node holds the disk now, or why
+    /// it could not take it.
+    pub fn on_disk_taken(&mut self, result: Result<(), String>) {
+        if self.state != DestinationState::TakingDisk {
+            return;
+        }
+        match result {
+            Ok(()) => self.commit(),
+            Err(why) => {
+                let text = alloc::format!("disk takeover: {why}");
+                self.abort(AbortReason::LocalFailure, text, false);
+            }
+        }
+    }
+
+    /// The commit point: the VM runs here from now on.
+    fn commit(&mut self) {
+        self.state = DestinationState::Done;
+        self.deadline = None;
+        self.out.push_back(Output::Do(DestinationAction::ResumeVm));
+        self.out.push_back(Output::Send(Message::CommitAck));
+        if let Some(vm) = &self.vm {
+            self.out
+                .push_back(Output::Do(DestinationAction::AnnounceMac(vm.mac)));
         }
     }
 
@@ -256,13 +295,15 @@ impl Destination {
                 if !self.vcpus_loaded.iter().all(|&loaded| loaded) {
                     return Err(protocol("commit before every vCPU state".to_string()));
                 }
-                self.state = DestinationState::Done;
-                self.deadline = None;
-                self.out.push_back(Output::Do(DestinationAction::ResumeVm));
-                self.out.push_back(Output::Send(Message::CommitAck));
-                if let Some(vm) = &self.vm {
-                    self.out
-                        .push_back(Output::Do(DestinationAction::AnnounceMac(vm.mac)));
+                if self.vm.as_ref().is_some_and(|vm| vm.disk_id.is_some()) {
+                    self.out.push_back(Output::Do(DestinationAction::TakeDisk));
+                    self.wait(
+                        DestinationState::TakingDisk,
+                        now,
+                        self.config.timeouts.disk_us,
+                    );
+                } else {
+                    self.commit();
                 }
             }
             (state, other) => {

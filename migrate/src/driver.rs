@@ -18,6 +18,7 @@
 //! done). After a pipe error nothing more is sent or received: the connection is gone.
 
 use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -236,6 +237,18 @@ impl SourceDriver {
         core::mem::take(&mut self.actions)
     }
 
+    /// The answer to [`SourceAction::QuiesceDisk`].
+    pub fn on_disk_quiesced(
+        &mut self,
+        now: u64,
+        guest: &mut impl SourceGuest,
+        result: Result<(), String>,
+    ) -> Vec<SourceAction> {
+        self.source.on_disk_quiesced(now, guest, result);
+        self.drain(now);
+        core::mem::take(&mut self.actions)
+    }
+
     /// `migrate cancel`.
     pub fn cancel(&mut self, now: u64) -> Vec<SourceAction> {
         self.source.cancel(now);
@@ -383,6 +396,14 @@ impl DestinationDriver {
         if let Some(failure) = self.conn.flush(now, pipe) {
             self.transport_failed(failure);
         }
+        core::mem::take(&mut self.actions)
+    }
+
+    /// The answer to [`DestinationAction::TakeDisk`]; returns the actions that follow (the
+    /// resume, or the discard), the acknowledgement or abort going out at the next flush.
+    pub fn on_disk_taken(&mut self, result: Result<(), String>) -> Vec<DestinationAction> {
+        self.destination.on_disk_taken(result);
+        self.drain();
         core::mem::take(&mut self.actions)
     }
 
@@ -547,6 +568,10 @@ mod tests {
                         self.guest.destroyed = true;
                     }
                     SourceAction::ResolveInDoubt => self.in_doubt = true,
+                    // These tests migrate VMs without a shared disk.
+                    SourceAction::QuiesceDisk | SourceAction::ReclaimDisk => {
+                        unreachable!("no disk")
+                    }
                 }
             }
         }
@@ -561,6 +586,7 @@ mod tests {
                     host.discarded = true;
                 }
                 DestinationAction::AnnounceMac(mac) => host.announced = Some(mac),
+                DestinationAction::TakeDisk => unreachable!("no disk"),
             }
         }
     }

@@ -46,6 +46,22 @@ enum Fault {
     },
     /// The destination refuses the configuration.
     Refuse,
+    /// The source cannot drain or flush the VM's disk.
+    QuiesceFails,
+    /// The destination's takeover of the disk fails; `after_preempt`: it had already
+    /// preempted the source's reservation (the answer was lost, say).
+    TakeoverFails {
+        after_preempt: bool,
+    },
+    /// The destination's takeover never answers (a dying target): its deadline must fire.
+    TakeoverHangs,
+}
+
+/// Which node holds the shared disk's reservation (the target's view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Source,
+    Destination,
 }
 
 struct Link {
@@ -95,6 +111,8 @@ struct Run {
     commit_acks: usize,
     ticks: u64,
     throttled: bool,
+    /// With a shared disk: who holds it at the end.
+    holder: Option<Holder>,
 }
 
 /// Delivers every complete frame in `decoder`; `Err` if the stream broke.
@@ -110,6 +128,11 @@ fn receive(decoder: &mut FrameDecoder) -> Result<Vec<Message>, ()> {
 }
 
 fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
+    migrate_vm(seed, writes_per_tick, fault, false)
+}
+
+/// One migration; `disk`: the VM has a shared disk, which the source holds at the start.
+fn migrate_vm(seed: u64, writes_per_tick: u64, fault: Fault, disk: bool) -> Run {
     let mut rng = Rng::seeded(seed);
     let mut guest = FakeGuest::new(&mut rng, PAGES, writes_per_tick);
     let mut host = FakeHost::default();
@@ -119,11 +142,17 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
     if fault == Fault::Refuse {
         host.refuse = Some(RefuseReason::NotEnoughMemory { free_bytes: 4096 });
     }
-    let mut source = Source::new(SourceConfig {
+    let mut config = SourceConfig {
         cpu_features: 0xF,
         ..source_config(PAGES, 8)
-    })
-    .expect("valid source config");
+    };
+    if disk {
+        config.vm.disk_id = Some("iqn.2026-11.test.hv:cluster/1".into());
+    }
+    let mut source = Source::new(config).expect("valid source config");
+    let mut holder = disk.then_some(Holder::Source);
+    let mut quiesce_requested = false;
+    let mut takeover_requested = false;
     let mut destination = Destination::new(
         DestinationConfig {
             cpu_features: 0xFF,
@@ -158,6 +187,29 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
             pause_requested = false;
             source.on_paused(now, &mut guest);
         }
+        if core::mem::take(&mut quiesce_requested) {
+            let result = match fault {
+                Fault::QuiesceFails => Err("flush failed".into()),
+                _ => Ok(()),
+            };
+            source.on_disk_quiesced(now, &mut guest, result);
+        }
+        if takeover_requested && fault != Fault::TakeoverHangs {
+            takeover_requested = false;
+            let result = match fault {
+                Fault::TakeoverFails { after_preempt } => {
+                    if after_preempt {
+                        holder = Some(Holder::Destination);
+                    }
+                    Err("preempt failed".into())
+                }
+                _ => {
+                    holder = Some(Holder::Destination);
+                    Ok(())
+                }
+            };
+            destination.on_disk_taken(result);
+        }
         if in_doubt {
             // The shared authority (owner record / disk reservation): did the destination commit?
             in_doubt = false;
@@ -177,11 +229,22 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
                         pause_requested = true;
                     }
                     Output::Do(SourceAction::ResumeVm) => {
+                        if disk {
+                            assert_eq!(holder, Some(Holder::Source), "resumed without the disk");
+                        }
                         guest.paused = false;
                         pause_requested = false;
                     }
                     Output::Do(SourceAction::DestroyVm) => guest.destroyed = true,
                     Output::Do(SourceAction::ResolveInDoubt) => in_doubt = true,
+                    Output::Do(SourceAction::QuiesceDisk) => {
+                        assert!(disk && guest.paused, "quiesce of a running VM");
+                        quiesce_requested = true;
+                    }
+                    Output::Do(SourceAction::ReclaimDisk) => {
+                        assert!(disk);
+                        holder = Some(Holder::Source);
+                    }
                 }
             }
             match receive(&mut to_destination) {
@@ -200,7 +263,16 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
                         }
                         link.send(&m, &mut to_source)
                     }
-                    Output::Do(DestinationAction::ResumeVm) => host.resumed = true,
+                    Output::Do(DestinationAction::ResumeVm) => {
+                        if disk {
+                            assert_eq!(holder, Some(Holder::Destination), "resumed without disk");
+                        }
+                        host.resumed = true;
+                    }
+                    Output::Do(DestinationAction::TakeDisk) => {
+                        assert!(disk, "takeover without a disk");
+                        takeover_requested = true;
+                    }
                     Output::Do(DestinationAction::DiscardCopy) => host.discarded = true,
                     Output::Do(DestinationAction::AnnounceMac(mac)) => host.announced = Some(mac),
                 }
@@ -239,6 +311,7 @@ fn migrate(seed: u64, writes_per_tick: u64, fault: Fault) -> Run {
         commit_acks,
         ticks: tick,
         throttled,
+        holder,
     }
 }
 
@@ -248,6 +321,14 @@ fn check(run: &Run, fault: Fault) {
     assert!(run.ticks < MAX_TICKS, "run did not finish: {ctx}");
     assert!(run.commit_acks <= 1, "{ctx}");
     check_outcome(&run.source, &run.destination, &run.guest, &run.host, &ctx);
+    if let Some(holder) = run.holder {
+        // The disk belongs to whichever node runs the VM.
+        let expected = match run.source.state() {
+            SourceState::Done => Holder::Destination,
+            _ => Holder::Source,
+        };
+        assert_eq!(holder, expected, "disk held by the wrong node: {ctx}");
+    }
 }
 
 #[test]
@@ -335,4 +416,60 @@ fn local_failures_and_cancel_at_any_point_leave_the_source_running() {
         let run = migrate(5, 8, fault);
         check(&run, fault);
     }
+}
+
+#[test]
+fn a_shared_disk_moves_with_the_vm() {
+    for seed in 1..=4 {
+        for writes in [0, 12] {
+            let run = migrate_vm(seed, writes, Fault::None, true);
+            check(&run, Fault::None);
+            assert_eq!(run.source.state(), SourceState::Done);
+            assert_eq!(run.holder, Some(Holder::Destination));
+        }
+    }
+}
+
+#[test]
+fn disk_failures_at_the_switchover_leave_vm_and_disk_on_the_source() {
+    for fault in [
+        Fault::QuiesceFails,
+        Fault::TakeoverFails {
+            after_preempt: false,
+        },
+        Fault::TakeoverFails {
+            after_preempt: true,
+        },
+        Fault::TakeoverHangs,
+    ] {
+        let run = migrate_vm(2, 4, fault, true);
+        check(&run, fault);
+        assert_eq!(run.source.state(), SourceState::Failed, "{fault:?}");
+        assert_eq!(run.holder, Some(Holder::Source), "{fault:?}");
+        let text = alloc::format!("{:?}", run.source.failure());
+        assert!(text.contains("disk") || text.contains("Timeout"), "{text}");
+    }
+}
+
+/// Every frame lost, blackholed or corrupted, with a shared disk: the disk always ends with the
+/// node that runs the VM, and neither node ever runs it without the disk.
+#[test]
+fn failure_at_any_frame_with_a_shared_disk() {
+    let frames = migrate_vm(3, 6, Fault::None, true).frames;
+    let mut runs = 0;
+    for at in 0..=frames {
+        for fault in [
+            Fault::CutLink { at },
+            Fault::Blackhole { at },
+            Fault::Corrupt {
+                at,
+                bit: (at * 131) % 4096,
+            },
+        ] {
+            let run = migrate_vm(3, 6, fault, true);
+            check(&run, fault);
+            runs += 1;
+        }
+    }
+    std::eprintln!("{runs} failure runs with a shared disk");
 }

@@ -34,6 +34,11 @@ pub struct Timeouts {
     pub idle_us: u64,
     /// Source: waiting for the destination's commit acknowledgement.
     pub commit_us: u64,
+    /// Waiting for the local node's disk work of the switchover: the source's quiesce (guest
+    /// I/O drained and the target's cache flushed), the destination's takeover of the
+    /// reservation. Shorter than `commit_us`, so a destination that cannot take the disk
+    /// aborts before the source gives up waiting for the acknowledgement.
+    pub disk_us: u64,
 }
 
 impl Default for Timeouts {
@@ -43,6 +48,7 @@ impl Default for Timeouts {
             pause_us: 5_000_000,
             idle_us: 30_000_000,
             commit_us: 10_000_000,
+            disk_us: 5_000_000,
         }
     }
 }

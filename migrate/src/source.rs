@@ -2,10 +2,19 @@
 //!
 //! ```text
 //! Idle -start-> AwaitHello -Hello-> AwaitConfigReply -Accept-> PreCopy (rounds, policy)
-//!   PreCopy -policy says switchover-> Pausing (PauseVm) -paused-> FinalCopy (Switchover,
-//!   the last dirty pages batch by batch, like a round) -> AwaitCommitAck (vCPU and device
-//!   state, Commit sent on the way) -CommitAck-> Done (DestroyVm)
+//!   PreCopy -policy says switchover-> Pausing (PauseVm) -paused-> [Quiescing (QuiesceDisk)
+//!   -disk quiesced->] FinalCopy (Switchover, the last dirty pages batch by batch, like a round)
+//!   -> AwaitCommitAck (vCPU and device state, Commit sent on the way) -CommitAck-> Done
+//!   (DestroyVm)
 //! ```
+//!
+//! A VM with a shared disk (`VmConfig::disk_id`) passes through `Quiescing`: its requests in
+//! flight complete (their data lands in guest memory before the final pages are harvested) and
+//! the target's cache is flushed, so the destination starts from the disk the guest saw. The
+//! destination takes the disk's reservation over before it resumes the VM (see
+//! [`crate::destination`]); if the migration fails after `Commit` went out, the destination may
+//! already have taken it, so the source asks for [`SourceAction::ReclaimDisk`] before
+//! [`SourceAction::ResumeVm`].
 //!
 //! Failure rule: before `Commit` is sent, any failure (refusal, abort from the peer, timeout,
 //! cancel, transport or decode error reported by the driver, local error) ends in `Failed` with
@@ -65,6 +74,12 @@ pub enum SourceAction {
     DestroyVm,
     /// Find out whether the destination committed and call [`Source::resolve_in_doubt`].
     ResolveInDoubt,
+    /// Let the paused VM's disk requests in flight complete and flush the disk, then call
+    /// [`Source::on_disk_quiesced`].
+    QuiesceDisk,
+    /// Make sure this node holds the VM's disk reservation again (the destination may have
+    /// taken it before the migration failed); comes right before [`SourceAction::ResumeVm`].
+    ReclaimDisk,
 }
 
 /// Where the source is.
@@ -75,6 +90,8 @@ pub enum SourceState {
     AwaitConfigReply,
     PreCopy,
     Pausing,
+    /// Paused, waiting for the VM's disk I/O to drain and the disk to be flushed.
+    Quiescing,
     /// Paused: the last dirty pages go out batch by batch (the driver keeps its queue bounded,
     /// so a large final round never has to sit in memory at once).
     FinalCopy,
@@ -175,6 +192,8 @@ pub struct Source {
     pending: Vec<u64>,
     paused: bool,
     throttled: bool,
+    /// `Commit` went out: from here the destination may have taken the disk.
+    commit_sent: bool,
     failure: Option<Failure>,
     summary: Summary,
     /// Pages found dirty at the end of the last round, and the rate they were dirtied at
@@ -241,6 +260,7 @@ impl Source {
             pending: Vec::new(),
             paused: false,
             throttled: false,
+            commit_sent: false,
             failure: None,
             summary: Summary::default(),
             last_dirty: 0,
@@ -395,6 +415,7 @@ impl Source {
                     return;
                 }
                 self.out.push_back(Output::Send(Message::Commit));
+                self.commit_sent = true;
                 self.wait(
                     SourceState::AwaitCommitAck,
                     now,
@@ -411,6 +432,35 @@ impl Source {
             return;
         }
         self.summary.paused_us = Some(now);
+        if self.config.vm.disk_id.is_some() {
+            self.out.push_back(Output::Do(SourceAction::QuiesceDisk));
+            self.wait(SourceState::Quiescing, now, self.config.timeouts.disk_us);
+        } else {
+            self.begin_final_copy(now, guest);
+        }
+    }
+
+    /// The answer to [`SourceAction::QuiesceDisk`]: the VM's disk is drained and flushed, or
+    /// why it could not be.
+    pub fn on_disk_quiesced(
+        &mut self,
+        now: u64,
+        guest: &mut impl SourceGuest,
+        result: Result<(), String>,
+    ) {
+        if self.state != SourceState::Quiescing {
+            return;
+        }
+        match result {
+            Ok(()) => self.begin_final_copy(now, guest),
+            Err(why) => {
+                let text = alloc::format!("disk quiesce: {why}");
+                self.abort(now, AbortReason::LocalFailure, text, false);
+            }
+        }
+    }
+
+    fn begin_final_copy(&mut self, now: u64, guest: &mut impl SourceGuest) {
         self.out.push_back(Output::Send(Message::Switchover));
         let mut pages = core::mem::take(&mut self.pending);
         match guest.harvest_dirty() {
@@ -480,6 +530,9 @@ impl Source {
         }
         if self.paused {
             self.paused = false;
+            if self.commit_sent && self.config.vm.disk_id.is_some() {
+                self.out.push_back(Output::Do(SourceAction::ReclaimDisk));
+            }
             self.out.push_back(Output::Do(SourceAction::ResumeVm));
         }
     }

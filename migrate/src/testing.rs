@@ -242,6 +242,7 @@ pub fn timeouts() -> Timeouts {
         pause_us: 20 * TICK_US,
         idle_us: 50 * TICK_US,
         commit_us: 50 * TICK_US,
+        disk_us: 20 * TICK_US,
     }
 }
 

@@ -816,6 +816,20 @@ fn source_actions(
                     }
                     out.in_doubt = false;
                 }
+                // No VM has a shared disk yet (`disk_id` is always None); refuse safely.
+                SourceAction::QuiesceDisk => {
+                    let mut guest = SourceVm {
+                        vms,
+                        name: &out.vm,
+                        was_running: out.was_running,
+                    };
+                    next.extend(out.driver.on_disk_quiesced(
+                        now_us(),
+                        &mut guest,
+                        Err("this node moves no disks yet".into()),
+                    ));
+                }
+                SourceAction::ReclaimDisk => {}
                 SourceAction::ResolveInDoubt => {
                     out.in_doubt = true;
                     lines.push(format!(
@@ -910,6 +924,13 @@ fn destination_actions(
                 }
             }
             DestinationAction::AnnounceMac(mac) => *announce = Some(mac),
+            // No VM has a shared disk yet (`disk_id` is always None); refuse safely.
+            DestinationAction::TakeDisk => {
+                let more = inc
+                    .driver
+                    .on_disk_taken(Err("this node takes no disks yet".into()));
+                destination_actions(inc, vms, more, lines, announce);
+            }
         }
     }
 }
