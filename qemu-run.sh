@@ -386,8 +386,10 @@ start_storage() {
     local port attempt
     for ((attempt = 1; attempt <= 3; attempt++)); do
         port="$(free_loopback_port)" || die "no free loopback port for tgtd"
-        # The control socket number only has to be unique among tgtds on this machine.
-        TGTD_CONTROL="$port"
+        # The control socket number (0..32767) only has to be unique among tgtds on this
+        # machine: one whose socket file is not there.
+        TGTD_CONTROL=$((1000 + RANDOM % 31000))
+        [[ -e "/var/run/tgtd/socket.$TGTD_CONTROL" ]] && continue
         spawn "tgtd" KILL "$RUN_DIR/tgtd.out" tgtd -f --iscsi "portal=127.0.0.1:$port" -C "$TGTD_CONTROL"
         TGTD_PID=$SPAWNED_PID
         if wait_for "tgtd" "$TGTD_PID" 10 eval 'tgtadm_ok --op show --mode sys && ss -Hltn "sport = :$port" | grep -q .'; then
