@@ -72,7 +72,10 @@ impl SourceGuest for SourceVm<'_> {
 
     fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
         let running = self.was_running;
-        Ok(self.vm()?.save_devices(running))
+        let vm = self.vm()?;
+        let name = vm.spec.name.clone();
+        vm.try_save_devices(running)
+            .map_err(|e| failed(&name, "a device state could not be saved", &e))
     }
 }
 

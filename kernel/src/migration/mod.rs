@@ -235,6 +235,9 @@ impl Migrations {
             VmState::Paused => false,
             ref other => return Err(StartError::WrongState(vm.to_string(), other.to_string())),
         };
+        if let Some(why) = v.migration_blocker() {
+            return Err(StartError::Setup(why));
+        }
         let config = SourceConfig {
             node_name: self.node_name.clone(),
             capabilities: capabilities(),

@@ -18,8 +18,8 @@ type Result = core::result::Result<(), CommandError>;
 
 const VM_USAGE: &str =
     "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [track=dbit|wp] [mac=<xx:..>] \
-| start|stop|pause|resume|verify|show|destroy|console <name> | list \
-| dirty <name> reset|harvest";
+[disk=ram:<MiB>] | start|stop|pause|resume|verify|show|destroy|console <name> | list \
+| dirty <name> reset|harvest | verify <name> disk | disk <name> hold|run|digest";
 
 pub const TABLE: &[Command<Node>] = &[
     Command {

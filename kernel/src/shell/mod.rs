@@ -107,6 +107,9 @@ pub fn run(mut node: Node) -> ! {
             }
         }
         run_vms(&mut node, &editor);
+        // Disk completions go back to the guests once per pass; requests in flight keep the
+        // loop from sleeping so they complete on the next pass.
+        let disk_busy = node.vms.poll_disks();
         // Busy: frames still waiting, or a bench sending (the loop then does not halt; the VM
         // slices still run every round).
         let net_busy = node.net.poll();
@@ -117,7 +120,7 @@ pub fn run(mut node: Node) -> ! {
         if ping == crate::net::JobState::Finished || bench == crate::net::JobState::Finished {
             prompt(&node);
         }
-        if !node.vms.any_runnable() && !net_busy && !migrating {
+        if !node.vms.any_runnable() && !net_busy && !migrating && !disk_busy {
             x86_64::instructions::interrupts::enable_and_hlt();
         }
     }

@@ -8,7 +8,7 @@ use kernel::config::is_valid_node_name;
 use kernel::console::shell::{parse_number, CommandError};
 
 use super::Node;
-use crate::vm::{DirtyTracking, VmError, VmSpec, VmState, MAX_MEM_MIB, MIN_MEM_MIB};
+use crate::vm::{DirtyTracking, DiskSpec, VmError, VmSpec, VmState, MAX_MEM_MIB, MIN_MEM_MIB};
 
 type Result = core::result::Result<(), CommandError>;
 
@@ -42,8 +42,8 @@ pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     let vms = &mut node.vms;
     match args {
         ["create", name, options @ ..] => {
-            let spec = parse_create(&node_name, name, options)?;
-            vms.create(spec).map_err(failed)?;
+            let (spec, disk) = parse_create(&node_name, name, options)?;
+            vms.create(spec, disk).map_err(failed)?;
             writeln!(out, "vm {name} created (off); 'vm start {name}' boots it").map_err(out_err)
         }
         ["start", name] => {
@@ -67,19 +67,46 @@ pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
             writeln!(out, "vm {name} destroyed").map_err(out_err)
         }
         ["verify", name] => {
-            let vm = vms.get(name).map_err(failed)?;
-            if vm.state != VmState::Running {
-                return Err(failed(VmError::WrongState {
-                    name: (*name).into(),
-                    state: vm.state.to_string(),
-                    wanted: "running",
-                }));
-            }
-            vms.send_input(name, &[guest_abi::command::VERIFY])
-                .map_err(failed)?;
+            guest_command(vms, name, guest_abi::command::VERIFY)?;
             writeln!(
                 out,
                 "vm {name}: verification requested; the guest answers below"
+            )
+            .map_err(out_err)
+        }
+        ["verify", name, "disk"] => {
+            guest_command(vms, name, guest_abi::command::DISK_VERIFY)?;
+            writeln!(
+                out,
+                "vm {name}: disk verification requested; the guest answers below"
+            )
+            .map_err(out_err)
+        }
+        ["disk", name, what @ ("hold" | "run")] => {
+            let byte = if *what == "hold" {
+                guest_abi::command::DISK_HOLD
+            } else {
+                guest_abi::command::DISK_RUN
+            };
+            guest_command(vms, name, byte)?;
+            writeln!(
+                out,
+                "vm {name}: disk {what} requested; the guest answers below"
+            )
+            .map_err(out_err)
+        }
+        ["disk", name, "digest"] => {
+            let vm = vms.get(name).map_err(failed)?;
+            if vm.disk().is_none() {
+                return Err(CommandError::Failed(format!("VM '{name}' has no disk")));
+            }
+            let digest = vm.disk_digest().ok_or_else(|| {
+                CommandError::Failed(format!("VM '{name}': its disk cannot be read from here"))
+            })?;
+            writeln!(
+                out,
+                "vm {name}: disk digest blocks={} hash={:#018x}",
+                digest.blocks, digest.hash
             )
             .map_err(out_err)
         }
@@ -112,6 +139,20 @@ pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     }
 }
 
+/// Sends a one-byte command to a running test guest.
+fn guest_command(vms: &mut crate::vm::VmTable, name: &str, byte: u8) -> Result {
+    let vm = vms.get(name).map_err(failed)?;
+    if vm.state != VmState::Running {
+        return Err(failed(VmError::WrongState {
+            name: name.into(),
+            state: vm.state.to_string(),
+            wanted: "running",
+        }));
+    }
+    vms.send_input(name, &[byte]).map_err(failed)?;
+    Ok(())
+}
+
 /// A locally administered unicast MAC derived from the node and VM names (FNV-1a): stable for
 /// a VM created again under the same name, distinct between VMs in practice.
 fn default_mac(node: &str, vm: &str) -> [u8; 6] {
@@ -141,7 +182,7 @@ fn parse_create(
     node: &str,
     name: &str,
     options: &[&str],
-) -> core::result::Result<VmSpec, CommandError> {
+) -> core::result::Result<(VmSpec, Option<DiskSpec>), CommandError> {
     if !is_valid_node_name(name) {
         return Err(bad(format!(
             "bad VM name '{name}': 1-32 letters, digits, '-' or '_', starting with a letter"
@@ -154,6 +195,7 @@ fn parse_create(
         tracking: DirtyTracking::DirtyBits,
         mac: default_mac(node, name),
     };
+    let mut disk = None;
     for option in options {
         let Some((key, value)) = option.split_once('=') else {
             return Err(bad(format!("expected key=value, not '{option}'")));
@@ -188,10 +230,11 @@ fn parse_create(
                     _ => return Err(bad(format!("track must be dbit or wp, not '{value}'"))),
                 }
             }
+            "disk" => disk = Some(DiskSpec::parse(value).map_err(bad)?),
             _ => return Err(bad(format!("unknown option '{key}'"))),
         }
     }
-    Ok(spec)
+    Ok((spec, disk))
 }
 
 fn list(node: &Node, out: &mut dyn Write) -> core::fmt::Result {
@@ -222,6 +265,7 @@ fn show(node: &Node, name: &str, out: &mut dyn Write) -> Result {
         )?;
         writeln!(out, "  dirty tracking: {}", vm.spec.tracking)?;
         writeln!(out, "  mac: {}", ::net::e1000::Mac(vm.spec.mac))?;
+        show_disk(vm, out)?;
         if vm.migrating {
             writeln!(out, "  held by a migration (see 'migrate status')")?;
         }
@@ -235,6 +279,50 @@ fn show(node: &Node, name: &str, out: &mut dyn Write) -> Result {
         )
     })()
     .map_err(out_err)
+}
+
+/// The `disk:` lines of `vm show`.
+fn show_disk(vm: &crate::vm::Vm, out: &mut dyn Write) -> core::fmt::Result {
+    let Some((spec, dev)) = vm.disk() else {
+        return writeln!(out, "  disk: none");
+    };
+    let sectors = dev.config().capacity_sectors;
+    let io = match dev.io_base() {
+        Some(base) => format!("io {base:#x}"),
+        None => String::from("io off"),
+    };
+    let place = if vm.has_local_disk() {
+        "on this node only"
+    } else {
+        "on shared storage"
+    };
+    writeln!(
+        out,
+        "  disk: virtio-blk (legacy) 00:{:02x}.0 {io}, {spec}, {sectors} sectors, {place}",
+        crate::vm::DISK_PCI_SLOT
+    )?;
+    let s = dev.stats();
+    writeln!(
+        out,
+        "  disk i/o: {} in flight, {} reads ({} KiB), {} writes ({} KiB), {} flushes, \
+         {} I/O failures, {} unsupported",
+        vm.disk_in_flight(),
+        s.reads,
+        s.read_bytes >> 10,
+        s.writes,
+        s.write_bytes >> 10,
+        s.flushes,
+        s.io_errors,
+        s.unsupported
+    )?;
+    match dev.fault() {
+        Some(fault) => writeln!(out, "  disk device: needs reset: {fault}")?,
+        None => writeln!(out, "  disk device: status {:#04x}", dev.status())?,
+    }
+    if let Some(why) = vm.migration_blocker() {
+        writeln!(out, "  migration: not possible: {why}")?;
+    }
+    Ok(())
 }
 
 /// Writes ascending page numbers as compact hex ranges: ` 0x10-0x12 0x20`.

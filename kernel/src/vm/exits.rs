@@ -1,7 +1,10 @@
-//! What the hypervisor does on each VM exit: emulate (serial port, CPUID, HLT), record (dirty
-//! pages under write protection), end the slice (host interrupts), or stop the VM with a
-//! message (triple fault, access outside RAM, anything it cannot emulate). A misbehaving guest
-//! never takes the node down.
+//! What the hypervisor does on each VM exit: emulate (serial port, PCI configuration and the
+//! virtio-blk disk's I/O BAR, CPUID, HLT), record (dirty pages under write protection), end the
+//! slice (host interrupts), or stop the VM with a message (triple fault, access outside RAM,
+//! anything it cannot emulate). A misbehaving guest never takes the node down.
+//!
+//! Every port access exits (the SVM I/O permission map intercepts all ports, VMX runs with
+//! unconditional I/O exiting), so a port no device decodes reads as all ones, as on a PC bus.
 
 use alloc::format;
 use alloc::string::String;
@@ -113,19 +116,30 @@ fn handle(vm: &mut Vm, exit: &VmExit, raw: bool, out: &mut dyn FnMut(&str, &[u8]
                 IoDirection::In => {
                     let value = if COM1.contains(&port) {
                         u64::from(vm.uart.read((port - *COM1.start()) as u8))
+                    } else if let Some(value) = vm.devices.io_read(port, bytes) {
+                        u64::from(value)
                     } else {
                         // Nothing decodes this port: the bus floats high.
                         mask
                     };
                     let rax = vm.vcpu.gpr(Gpr::Rax);
-                    vm.vcpu.set_gpr(Gpr::Rax, (rax & !mask) | (value & mask));
+                    // IN AL/AX keep the rest of RAX; IN EAX writes EAX, which zero-extends
+                    // into RAX like every 32-bit register write.
+                    let kept = if bytes == 4 { 0 } else { rax & !mask };
+                    vm.vcpu.set_gpr(Gpr::Rax, kept | (value & mask));
                 }
                 IoDirection::Out => {
+                    let value = vm.vcpu.gpr(Gpr::Rax);
                     if COM1.contains(&port) {
-                        let value = vm.vcpu.gpr(Gpr::Rax) as u8;
-                        if let Some(byte) = vm.uart.write((port - *COM1.start()) as u8, value) {
+                        if let Some(byte) = vm.uart.write((port - *COM1.start()) as u8, value as u8)
+                        {
                             vm.console_byte(byte, raw, out);
                         }
+                    } else {
+                        // Writes nothing decodes are dropped, as on a PC bus.
+                        let _ =
+                            vm.devices
+                                .io_write(&mut vm.ram, port, bytes, (value & mask) as u32);
                     }
                 }
             }

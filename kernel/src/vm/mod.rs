@@ -5,12 +5,14 @@
 //! [`VmTable::run_slice`], which gives each runnable vCPU the rest of the current 1 ms timer
 //! tick. A guest that halts yields until a later tick.
 
+mod disk;
 mod exits;
 mod loader;
 pub mod memory;
 mod nested;
 mod snapshot;
 
+pub use disk::{DiskKind, DiskSpec, DISK_SLOT as DISK_PCI_SLOT};
 pub use snapshot::ClockState;
 
 use alloc::boxed::Box;
@@ -173,6 +175,8 @@ pub struct Vm {
     pub migrating: bool,
     /// Share of vCPU time taken away (auto-converge), 0-99 percent.
     throttle: Throttle,
+    /// PCI bus and virtio-blk disk (see `disk`).
+    devices: disk::Platform,
 }
 
 /// Auto-converge: the VM runs only on some timer ticks, so a guest that dirties memory faster
@@ -258,7 +262,10 @@ impl Vm {
 
     fn dirty_harvest_into(&mut self, into: Option<&mut DirtyBitmap>) {
         let range = 0..self.ram.size();
-        let Some(into) = into else { return };
+        let Some(into) = into else {
+            self.devices.dma_dirty.clear_all();
+            return;
+        };
         match self.spec.tracking {
             DirtyTracking::DirtyBits => {
                 match self.npt.harvest_dirty(&mut NptFrames, range, into) {
@@ -285,6 +292,11 @@ impl Vm {
                 }
             }
         }
+        // Pages the devices wrote (disk completions): the nested dirty bits never see those.
+        if let Err(err) = into.merge(&self.devices.dma_dirty) {
+            log::error!("vm {}: device dirty log: {err}", self.spec.name);
+        }
+        self.devices.dma_dirty.clear_all();
     }
 
     /// Guest-physical range of RAM and its host frames, for `vm show`.
@@ -301,6 +313,46 @@ impl Vm {
     /// The guest's RIP (for `vm show`).
     pub fn rip(&self) -> u64 {
         self.vcpu.rip()
+    }
+
+    /// The VM's disk: what it was created with and its device, if it has one.
+    pub fn disk(&self) -> Option<(DiskSpec, &vmx::devices::virtio::blk::VirtioBlk)> {
+        self.devices.disk.as_ref().map(|d| (d.spec, &d.device))
+    }
+
+    /// Where the VM's disk lives, if it has one.
+    pub fn disk_kind(&self) -> Option<DiskKind> {
+        self.devices.disk.as_ref().map(|d| d.kind())
+    }
+
+    /// Whether the VM has a disk that exists only on this node (a RAM disk).
+    pub fn has_local_disk(&self) -> bool {
+        self.disk_kind() == Some(DiskKind::Local)
+    }
+
+    /// Why this VM cannot be live-migrated, if it cannot: a disk that lives only on this
+    /// node would be left behind (disks on shared storage are handed over instead).
+    pub fn migration_blocker(&self) -> Option<String> {
+        let disk = self.devices.disk.as_ref()?;
+        (disk.kind() == DiskKind::Local).then(|| {
+            format!(
+                "VM '{}' cannot be migrated: its disk ({}) exists only on this node (only \
+                 disks on shared storage move with a VM)",
+                self.spec.name, disk.spec
+            )
+        })
+    }
+
+    /// Disk requests not completed yet: a migration pauses the VM (the disk then takes no
+    /// new requests) and waits for 0 before it saves the device state.
+    pub fn disk_in_flight(&self) -> usize {
+        self.devices.in_flight()
+    }
+
+    /// The digest (`guest_abi::disk`) of the VM's whole disk as the node reads it; `None`
+    /// without a disk or when the disk cannot be read at once.
+    pub fn disk_digest(&self) -> Option<guest_abi::disk::DiskDigest> {
+        self.devices.disk.as_ref()?.digest()
     }
 }
 
@@ -356,15 +408,16 @@ impl VmTable {
         (1..=self.backend.max_tag()).find(|t| self.vms.values().all(|vm| vm.tag != *t))
     }
 
-    /// Creates a VM (off, guest loaded) after checking every refusal up front.
-    pub fn create(&mut self, spec: VmSpec) -> Result<(), VmError> {
-        self.build(spec, false)
+    /// Creates a VM (off, guest loaded), with a virtio-blk disk if `disk` says so, after
+    /// checking every refusal up front.
+    pub fn create(&mut self, spec: VmSpec, disk: Option<DiskSpec>) -> Result<(), VmError> {
+        self.build(spec, disk, false)
     }
 
     /// Creates the empty shell of a VM arriving by migration: zeroed RAM, a placeholder vCPU
     /// state, state [`VmState::Incoming`], held by the migration. Refuses as `create` does.
     pub fn create_incoming(&mut self, spec: VmSpec) -> Result<(), VmError> {
-        self.build(spec, true)
+        self.build(spec, None, true)
     }
 
     /// Frames a VM of `mem_mib` would take, and the frames free now.
@@ -396,7 +449,12 @@ impl VmTable {
         self.backend.has_dirty_bits()
     }
 
-    fn build(&mut self, spec: VmSpec, incoming: bool) -> Result<(), VmError> {
+    fn build(
+        &mut self,
+        spec: VmSpec,
+        disk: Option<DiskSpec>,
+        incoming: bool,
+    ) -> Result<(), VmError> {
         if let Backend::Unavailable(why) = &self.backend {
             return Err(VmError::NoVirtualization(why));
         }
@@ -408,9 +466,25 @@ impl VmTable {
         }
         let bytes = spec.mem_mib << 20;
         let pages = bytes / FRAME_SIZE;
-        self.memory_check(spec.mem_mib)?;
+        let disk_mib = disk.map_or(0, |d| d.host_mib());
+        self.memory_check(spec.mem_mib + disk_mib)?;
         let need_frames = pages + pages / 512 + 64;
         let tag = self.free_tag().ok_or(VmError::NoAsid)?;
+        // The devices first: a disk that cannot be had refuses the VM before anything else
+        // is allocated (and is freed with the platform if a later step fails).
+        let backend = match disk {
+            Some(spec_disk @ DiskSpec::Ram { mib }) => {
+                let serial = format!("hvram-{}", spec.name);
+                let ram_disk =
+                    disk::RamDisk::new(mib, &serial).map_err(|_| VmError::NotEnoughMemory {
+                        need_mib: need_frames.div_ceil(256) + mib,
+                        free_mib: mem::frame_stats().free / 256,
+                    })?;
+                Some((spec_disk, Box::new(ram_disk) as Box<dyn disk::BlockBackend>))
+            }
+            None => None,
+        };
+        let devices = disk::Platform::new(pages, backend).map_err(VmError::Setup)?;
 
         let mut ram = GuestRam::new(bytes).map_err(|_| VmError::NotEnoughMemory {
             need_mib: need_frames.div_ceil(256),
@@ -476,12 +550,17 @@ impl VmTable {
             paused_at_tsc: None,
             migrating: incoming,
             throttle: Throttle::default(),
+            devices,
         };
         vm.dirty_reset();
         log::info!(
-            "vm {name}: {} ({} MiB, TLB tag {tag})",
+            "vm {name}: {} ({} MiB, TLB tag {tag}{})",
             if incoming { "incoming" } else { "created" },
-            vm.spec.mem_mib
+            vm.spec.mem_mib,
+            match disk {
+                Some(d) => format!(", {d}"),
+                None => String::new(),
+            }
         );
         self.order.push(name.clone());
         self.vms.insert(name, vm);
@@ -599,6 +678,18 @@ impl VmTable {
             .any(|vm| vm.state == VmState::Running && vm.halted_at.is_none_or(|t| now > t))
     }
 
+    /// Delivers disk completions to every VM (whatever its state: a paused VM drains) and
+    /// hands running VMs' queued disk requests to their backends. Called once per pass of the
+    /// main loop; returns whether some disk still has requests in flight.
+    pub fn poll_disks(&mut self) -> bool {
+        let mut busy = false;
+        for vm in self.vms.values_mut() {
+            let running = vm.state == VmState::Running;
+            busy |= vm.devices.poll(&mut vm.ram, running, &vm.spec.name);
+        }
+        busy
+    }
+
     /// Gives every runnable VM the rest of the current timer tick, in turn. Guest console
     /// output goes to `out(vm name, bytes)`.
     pub fn run_slice(&mut self, out: &mut dyn FnMut(&str, &[u8])) {
@@ -633,6 +724,7 @@ impl Vm {
             .load_state(&state)
             .map_err(|e| VmError::Setup(format!("vCPU reset: {e:?}")))?;
         self.uart = Uart16550::new();
+        self.devices.reset();
         self.line.clear();
         self.halted_at = None;
         self.dirty_reset();

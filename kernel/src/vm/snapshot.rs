@@ -1,6 +1,11 @@
 //! What a migration reads from a VM on the source and writes into its copy on the destination:
-//! pages, the dirty log, the vCPU state and the device state (the serial port and the guest's
-//! clock).
+//! pages, the dirty log, the vCPU state and the device state (the serial port, the guest's
+//! clock, the PCI host and the virtio-blk device).
+//!
+//! The virtio-blk device saves only once its requests have drained (the VM paused, which stops
+//! the disk from taking new ones, then `Vm::disk_in_flight` reaching 0). Its disk itself is not
+//! migrated: a VM with a RAM disk is refused (`Vm::migration_blocker`); a disk on shared
+//! storage will be handed over instead.
 //! Guest time across a move: see `kernel::guest_clock`.
 
 use alloc::format;
@@ -8,7 +13,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use kernel::frames::FRAME_SIZE;
+use vmx::devices::pci::PciHost;
 use vmx::devices::uart::Uart16550;
+use vmx::devices::virtio::blk::VirtioBlk;
 use vmx::state::VcpuState;
 
 use super::{Vm, VmState};
@@ -22,6 +29,10 @@ pub const DEVICE_CLOCK: u32 = 2;
 /// line the guest was writing when it was paused is printed whole on the destination instead
 /// of being cut in two (or lost) at the switchover.
 pub const DEVICE_CONSOLE_LINE: u32 = 3;
+/// The virtio-blk device (`VirtioBlk::save`), present when the VM has a disk.
+pub const DEVICE_VIRTIO_BLK: u32 = 4;
+/// The PCI host: configuration address latch and host bridge (`PciHost::save`).
+pub const DEVICE_PCI_HOST: u32 = 5;
 
 impl Vm {
     /// Guest pages.
@@ -67,8 +78,28 @@ impl Vm {
     }
 
     /// The device models' state as (device id, bytes). Called with the VM paused; `running`
-    /// says whether it ran before the migration paused it.
-    pub fn save_devices(&self, running: bool) -> Vec<(u32, Vec<u8>)> {
+    /// says whether it ran before the migration paused it. Refused while disk requests are in
+    /// flight (wait for [`Vm::disk_in_flight`] to reach 0 first).
+    pub fn try_save_devices(&self, running: bool) -> Result<Vec<(u32, Vec<u8>)>, String> {
+        let mut devices = self.save_platform(running);
+        if let Some(disk) = self.devices.disk.as_ref() {
+            if disk.in_flight() > 0 {
+                return Err(format!(
+                    "{} disk requests are still in flight",
+                    disk.in_flight()
+                ));
+            }
+            let mut blk = Vec::new();
+            disk.device
+                .save(&mut blk)
+                .map_err(|e| format!("virtio-blk: {e}"))?;
+            devices.push((DEVICE_VIRTIO_BLK, blk));
+        }
+        Ok(devices)
+    }
+
+    /// Every device but the disk: they always save.
+    fn save_platform(&self, running: bool) -> Vec<(u32, Vec<u8>)> {
         let mut com1 = Vec::new();
         self.uart.save(&mut com1);
         let now = self.paused_at_tsc.unwrap_or_else(clock::rdtsc);
@@ -77,10 +108,13 @@ impl Vm {
             tsc_hz: clock::tsc_hz(),
             running,
         };
+        let mut pci = Vec::new();
+        self.devices.pci.save(&mut pci);
         alloc::vec![
             (DEVICE_COM1, com1),
             (DEVICE_CLOCK, clock.encode()),
             (DEVICE_CONSOLE_LINE, self.line.as_bytes().to_vec()),
+            (DEVICE_PCI_HOST, pci),
         ]
     }
 
@@ -100,6 +134,21 @@ impl Vm {
                     return Err(String::from("console line state is not a partial line"));
                 }
                 self.line = bytes.iter().map(|&b| b as char).collect();
+                Ok(None)
+            }
+            DEVICE_PCI_HOST => {
+                self.devices.pci =
+                    PciHost::restore(bytes).map_err(|e| format!("PCI host state: {e}"))?;
+                Ok(None)
+            }
+            DEVICE_VIRTIO_BLK => {
+                let Some(disk) = self.devices.disk.as_mut() else {
+                    return Err(String::from(
+                        "virtio-blk state for a VM that has no disk on this node",
+                    ));
+                };
+                disk.device = VirtioBlk::restore(*disk.device.config(), bytes)
+                    .map_err(|e| format!("virtio-blk state: {e}"))?;
                 Ok(None)
             }
             other => Err(format!("unknown device {other}")),

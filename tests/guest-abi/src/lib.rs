@@ -13,11 +13,13 @@
 //! | `0x1000..0x7000` | guest page tables ([`PAGE_TABLES`]) |
 //! | `0x8000` | [`BootParams`] |
 //! | `0x10000..0x100000` | stack (grows down from [`STACK_TOP`]) |
-//! | `0x100000..` | the guest image ([`IMAGE_BASE`]) |
+//! | `0x100000..` | the guest image ([`IMAGE_BASE`]); its bss holds the virtio-blk rings, buffers and generation table ([`disk`]) |
 //! | [`DATA_START`]`..` | version table, then the self-describing data pages |
 
 #![no_std]
 #![forbid(unsafe_code)]
+
+pub mod disk;
 
 /// Guest page tables built by the loader: PML4, PDPT, then page directories.
 pub const PAGE_TABLES: core::ops::Range<u64> = 0x1000..0x8000;
@@ -256,6 +258,16 @@ pub mod command {
     pub const INVALID_OPCODE: u8 = b'u';
     /// Read guest-physical memory past the end of RAM.
     pub const OUTSIDE_RAM: u8 = b'o';
+    /// Wait for the disk writes in flight, re-read every block written and check it against
+    /// the generation table; print `disk verify ok blocks=N writes=W hash=0x..` (the digest of
+    /// [`super::disk`]), `disk verify FAILED lba=.. expected gen G found ..`, or
+    /// `disk verify: no disk`.
+    pub const DISK_VERIFY: u8 = b'd';
+    /// Stop the disk workload from starting writes and wait for those in flight; print
+    /// `disk hold writes=W` (the disk then holds exactly what a verify's digest describes).
+    pub const DISK_HOLD: u8 = b'h';
+    /// Let the disk workload write again; print `disk run`.
+    pub const DISK_RUN: u8 = b'r';
 }
 
 /// The data pages the dirty-tracking test command writes: every 7th page from page 3, at most

@@ -6,12 +6,25 @@
 //! in the background on every pass, prints a heartbeat each second, and answers single-byte
 //! commands on its serial port (`guest_abi::command`). It runs with interrupts disabled and
 //! uses HLT to yield: the hypervisor resumes a halted vCPU at its next time slice.
+//!
+//! If the VM has a virtio-blk disk ([`virtio_blk`]), the guest also keeps writing
+//! self-describing blocks to it and verifies them on request ([`disk_workload`]); it says
+//! `disk: virtio-blk N sectors ...` or `disk: none` after its `ready` line, and its heartbeat
+//! then ends with `disk writes=W` (and `errors=E` if some failed). Without a disk it does what
+//! it always did.
 
 #![no_std]
 #![no_main]
 
+mod disk_workload;
+mod port;
+mod virtio_blk;
+
 use core::arch::{asm, global_asm};
 use core::fmt::{self, Write};
+
+use disk_workload::{DiskWorkload, Verdict};
+use port::{inb, outb};
 
 use guest_abi::{
     check_page, command, dirty_test_pages, fill_page, verify_pages, BootParams, DataLayout,
@@ -38,18 +51,6 @@ global_asm!(
     params = const BOOT_PARAMS,
     main = sym guest_main,
 );
-
-fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O to the guest's own serial port; the hypervisor emulates it.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
-}
-
-fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as in `outb`.
-    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack)) };
-    value
-}
 
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC only reads the (hypervisor-offset) time-stamp counter.
@@ -164,6 +165,27 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
         memory.layout.versions_gpa
     );
 
+    let mut disk = match virtio_blk::VirtioBlk::probe() {
+        Ok(Some(blk)) => {
+            let w = DiskWorkload::new(blk, rdtsc(), params.tsc_hz);
+            say!(
+                "disk: virtio-blk {} sectors at port {:#x}, writing {} blocks of 4 KiB",
+                w.capacity_sectors(),
+                w.io_base(),
+                w.window_blocks()
+            );
+            Some(w)
+        }
+        Ok(None) => {
+            say!("disk: none");
+            None
+        }
+        Err(err) => {
+            say!("disk: virtio-blk unusable: {err}");
+            None
+        }
+    };
+
     let start = rdtsc();
     let mut next_heartbeat = start + params.tsc_hz;
     let mut heartbeat = 0u64;
@@ -176,9 +198,10 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
         if now >= next_heartbeat {
             heartbeat += 1;
             next_heartbeat += params.tsc_hz;
+            let disk_part = heartbeat_disk(disk.as_ref());
             match status {
-                Ok(()) => say!("heartbeat {heartbeat} ok"),
-                Err((page, m)) => say!("heartbeat {heartbeat} FAIL page {page}: {m:?}"),
+                Ok(()) => say!("heartbeat {heartbeat} ok{disk_part}"),
+                Err((page, m)) => say!("heartbeat {heartbeat} FAIL page {page}: {m:?}{disk_part}"),
             }
         }
 
@@ -243,10 +266,107 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
                     let value = unsafe { core::ptr::read_volatile(gpa as *const u64) };
                     say!("read {value:#x} past the end of RAM");
                 }
+                command::DISK_VERIFY => match disk.as_mut() {
+                    None => say!("disk verify: no disk"),
+                    Some(w) => {
+                        let t0 = rdtsc();
+                        let verdict = w.verify();
+                        let cycles = rdtsc() - t0;
+                        let writes = w.writes();
+                        match verdict {
+                            Verdict::Ok { digest } => say!(
+                                "disk verify ok blocks={} writes={writes} hash={:#018x} cycles={cycles}",
+                                digest.blocks,
+                                digest.hash
+                            ),
+                            Verdict::Mismatch {
+                                lba,
+                                expected,
+                                found,
+                            } => say!(
+                                "disk verify FAILED lba={lba} expected gen {expected} found {found}"
+                            ),
+                            Verdict::ReadError { lba, status } => {
+                                say!("disk verify FAILED lba={lba} read status {status}")
+                            }
+                            Verdict::Stuck { in_flight } => say!(
+                                "disk verify FAILED: {in_flight} requests never completed{}",
+                                if w.broken() { " (device needs reset)" } else { "" }
+                            ),
+                        }
+                    }
+                },
+                command::DISK_HOLD => match disk.as_mut() {
+                    None => say!("disk hold: no disk"),
+                    Some(w) => {
+                        if w.hold() {
+                            say!("disk hold writes={}", w.writes());
+                        } else {
+                            say!("disk hold FAILED: requests never completed");
+                        }
+                    }
+                },
+                command::DISK_RUN => match disk.as_mut() {
+                    None => say!("disk run: no disk"),
+                    Some(w) => {
+                        w.run(rdtsc());
+                        say!("disk run");
+                    }
+                },
                 other => say!("unknown command byte {other:#04x}"),
             }
         }
+        if let Some(w) = disk.as_mut() {
+            w.pass(rdtsc());
+        }
         halt();
+    }
+}
+
+/// The disk part of a heartbeat line: empty without a disk.
+fn heartbeat_disk(disk: Option<&DiskWorkload>) -> DiskText {
+    let mut t = DiskText::default();
+    if let Some(w) = disk {
+        let _ = write!(t, " disk writes={}", w.writes());
+        if w.errors() > 0 {
+            let _ = write!(t, " errors={}", w.errors());
+        }
+        if w.broken() {
+            let _ = write!(t, " broken");
+        }
+    }
+    t
+}
+
+/// A short line fragment built without an allocator.
+struct DiskText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for DiskText {
+    fn default() -> Self {
+        DiskText {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl Write for DiskText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = (self.len + s.len()).min(self.buf.len());
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl fmt::Display for DiskText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only ASCII is ever written, so the cut never splits a character.
+        f.write_str(core::str::from_utf8(&self.buf[..self.len]).unwrap_or(""))
     }
 }
 

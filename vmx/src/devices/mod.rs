@@ -8,4 +8,6 @@
 //! They live here while they are few and small; they move to a `devices/` crate when they grow
 //! (see ARCHITECTURE.md).
 
+pub mod pci;
 pub mod uart;
+pub mod virtio;
