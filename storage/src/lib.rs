@@ -1,8 +1,10 @@
 //! `storage`: shared disks for the cluster.
 //!
-//! It will hold the iSCSI initiator (RFC 7143), the SCSI commands the hypervisor issues (including
-//! the persistent reservations that hand a VM's disk from one node to another) and, later, the
-//! shared volume layout. Today it holds the iSCSI Basic Header Segment codec: [`pdu`].
+//! It holds the iSCSI initiator (RFC 7143, [`iscsi`]: sans-IO and non-blocking, driven by the
+//! kernel's loop), the iSCSI Basic Header Segment codec it builds on ([`pdu`]), the SCSI commands
+//! the hypervisor issues including the persistent reservations that hand a VM's disk from one
+//! node to another ([`scsi`]) and, with the `std` feature, a blocking client over TCP for host
+//! tools and tests (`blocking`). Later: the shared volume layout.
 //!
 //! Dependency rule: `storage` is plain `no_std + alloc` logic. It never depends on hardware, on the
 //! kernel, or on `vmx`, `migrate` or `net`: it talks to the target through a byte-stream trait
@@ -12,9 +14,13 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(test, feature = "std"))]
 extern crate std;
 
+#[cfg(feature = "std")]
+pub mod blocking;
+pub mod iscsi;
 pub mod pdu;
+pub mod scsi;
 
 pub use pdu::{Bhs, Lun, Opcode, PduError, SequenceField};

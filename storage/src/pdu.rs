@@ -17,7 +17,8 @@
 //! [`Bhs`] keeps the opcode-specific areas as raw bytes, so every PDU type round-trips through it
 //! unchanged; typed accessors cover what most PDUs share: the LUN and the command/status sequence
 //! numbers. Their positions depend on the opcode, see [`SequenceField`]. The per-opcode PDU types
-//! (SCSI Command, Login, R2T, ...) will build on this.
+//! (SCSI Command, Login, R2T, ...) in `crate::iscsi::pdus` build on it, reading their own fields
+//! with [`Bhs::tail_u32`] and its siblings.
 
 use core::fmt;
 
@@ -459,6 +460,63 @@ impl Bhs {
         Ok(())
     }
 
+    /// The big-endian `u32` at byte `offset` of the BHS, for the opcode-specific fields of the
+    /// typed PDUs (`crate::iscsi::pdus`). Offsets outside bytes 20..48 read as 0: every caller
+    /// passes a constant from RFC 7143 section 11, so that never happens, and a decoder must not
+    /// panic on a typo either.
+    pub fn tail_u32(&self, offset: usize) -> u32 {
+        let mut word = [0u8; 4];
+        if let Some(bytes) = self.tail_slice(offset, 4) {
+            word.copy_from_slice(bytes);
+        }
+        u32::from_be_bytes(word)
+    }
+
+    /// The big-endian `u16` at byte `offset` (20..48) of the BHS; 0 outside.
+    pub fn tail_u16(&self, offset: usize) -> u16 {
+        let mut half = [0u8; 2];
+        if let Some(bytes) = self.tail_slice(offset, 2) {
+            half.copy_from_slice(bytes);
+        }
+        u16::from_be_bytes(half)
+    }
+
+    /// The byte at `offset` (20..48) of the BHS; 0 outside.
+    pub fn tail_u8(&self, offset: usize) -> u8 {
+        self.tail_slice(offset, 1).map_or(0, |bytes| bytes[0])
+    }
+
+    /// Stores `value` big-endian at byte `offset` (20..48) of the BHS; ignored outside.
+    pub fn set_tail_u32(&mut self, offset: usize, value: u32) {
+        if let Some(bytes) = self.tail_slice_mut(offset, 4) {
+            bytes.copy_from_slice(&value.to_be_bytes());
+        }
+    }
+
+    /// Stores `value` big-endian at byte `offset` (20..48) of the BHS; ignored outside.
+    pub fn set_tail_u16(&mut self, offset: usize, value: u16) {
+        if let Some(bytes) = self.tail_slice_mut(offset, 2) {
+            bytes.copy_from_slice(&value.to_be_bytes());
+        }
+    }
+
+    /// Stores `value` at byte `offset` (20..48) of the BHS; ignored outside.
+    pub fn set_tail_u8(&mut self, offset: usize, value: u8) {
+        if let Some(bytes) = self.tail_slice_mut(offset, 1) {
+            bytes[0] = value;
+        }
+    }
+
+    fn tail_slice(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        let start = offset.checked_sub(SPECIFIC_TAIL_OFFSET)?;
+        self.specific_20_47.get(start..start.checked_add(len)?)
+    }
+
+    fn tail_slice_mut(&mut self, offset: usize, len: usize) -> Option<&mut [u8]> {
+        let start = offset.checked_sub(SPECIFIC_TAIL_OFFSET)?;
+        self.specific_20_47.get_mut(start..start.checked_add(len)?)
+    }
+
     /// CmdSN, in initiator PDUs that carry a command.
     pub fn cmd_sn(&self) -> Option<u32> {
         self.sequence_number(SequenceField::CmdSn)
@@ -784,6 +842,31 @@ mod tests {
         bhs.set_sequence_number(SequenceField::ExpStatSn, 0xA1B2_C3D4)
             .unwrap();
         assert_eq!(bhs.to_bytes().unwrap()[28..32], [0xA1, 0xB2, 0xC3, 0xD4]);
+    }
+
+    #[test]
+    fn tail_accessors_read_and_write_big_endian_and_ignore_bad_offsets() {
+        let mut bhs = Bhs::decode(&READY_TO_TRANSFER).unwrap();
+        assert_eq!(bhs.tail_u32(40), 65536, "Buffer Offset");
+        assert_eq!(bhs.tail_u32(44), 65536, "Desired Data Transfer Length");
+        assert_eq!(bhs.tail_u16(20), 0);
+        assert_eq!(bhs.tail_u8(23), 5, "low byte of the Target Transfer Tag");
+        bhs.set_tail_u32(36, 0x0102_0304);
+        bhs.set_tail_u16(40, 0xA0B0);
+        bhs.set_tail_u8(47, 0x7F);
+        let bytes = bhs.to_bytes().unwrap();
+        assert_eq!(bytes[36..40], [1, 2, 3, 4]);
+        assert_eq!(bytes[40..42], [0xA0, 0xB0]);
+        assert_eq!(bytes[47], 0x7F);
+        // Outside the opcode-specific tail: reads give 0, writes change nothing.
+        for offset in [0, 19, 45, 47, 48, usize::MAX] {
+            let before = bhs;
+            bhs.set_tail_u32(offset, u32::MAX);
+            assert_eq!(bhs, before, "offset {offset}");
+        }
+        assert_eq!(bhs.tail_u32(46), 0);
+        assert_eq!(bhs.tail_u16(usize::MAX), 0);
+        assert_eq!(bhs.tail_u8(48), 0);
     }
 
     #[test]
