@@ -7,7 +7,7 @@
 //!   AnnounceMac)
 //! ```
 //!
-//! A VM with a shared disk (`VmConfig::disk_id`) is resumed only once this node holds the
+//! A VM with a shared disk (`VmConfig::disk`) is resumed only once this node holds the
 //! disk's reservation ([`DestinationAction::TakeDisk`], answered by
 //! [`Destination::on_disk_taken`]): from then on the source's writes are refused by the
 //! target, so the VM can never be written from two nodes. A takeover that fails or times out
@@ -295,7 +295,7 @@ impl Destination {
                 if !self.vcpus_loaded.iter().all(|&loaded| loaded) {
                     return Err(protocol("commit before every vCPU state".to_string()));
                 }
-                if self.vm.as_ref().is_some_and(|vm| vm.disk_id.is_some()) {
+                if self.vm.as_ref().is_some_and(|vm| vm.disk.is_some()) {
                     self.out.push_back(Output::Do(DestinationAction::TakeDisk));
                     self.wait(
                         DestinationState::TakingDisk,
@@ -435,8 +435,8 @@ mod tests {
 
     fn hello() -> Message {
         Message::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: crate::frame::PROTOCOL_VERSION,
+            max_version: crate::frame::PROTOCOL_VERSION,
             node_name: "node1".to_string(),
             capabilities: Capabilities::KNOWN,
             cpu_vendor: CpuVendor::Amd,
@@ -456,7 +456,7 @@ mod tests {
                 vcpus: 1,
                 dirty_rate: 0,
                 mac: [2; 6],
-                disk_id: None,
+                disk: None,
             }),
             host,
         );

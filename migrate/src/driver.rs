@@ -903,8 +903,8 @@ mod tests {
         let mut net = Net::unlimited();
         let mut peer = FrameLink::new();
         peer.queue(&Message::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: crate::frame::PROTOCOL_VERSION,
+            max_version: crate::frame::PROTOCOL_VERSION,
             node_name: "node2".to_string(),
             capabilities: Capabilities::KNOWN,
             cpu_vendor: CpuVendor::Intel,

@@ -147,7 +147,10 @@ fn migrate_vm(seed: u64, writes_per_tick: u64, fault: Fault, disk: bool) -> Run 
         ..source_config(PAGES, 8)
     };
     if disk {
-        config.vm.disk_id = Some("iqn.2026-11.test.hv:cluster/1".into());
+        config.vm.disk = Some(crate::message::SharedDisk {
+            id: "iqn.2026-11.test.hv:cluster/1".into(),
+            sectors: 2048,
+        });
     }
     let mut source = Source::new(config).expect("valid source config");
     let mut holder = disk.then_some(Holder::Source);

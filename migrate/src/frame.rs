@@ -35,8 +35,9 @@ use crate::crc32c::Crc32c;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"HVMG";
 
-/// The version of the migration protocol this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The version of the migration protocol this build speaks. 2: the VM configuration names its
+/// shared disk with its size, and a disk moves by reservation handoff.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Length of the frame header in bytes.
 pub const HEADER_LEN: usize = 16;
@@ -489,7 +490,7 @@ mod tests {
         #[rustfmt::skip]
         let checked_header = [
             b'H', b'V', b'M', b'G', // magic
-            0x01, 0x00,             // version 1
+            0x02, 0x00,             // version 2
             0x03, 0x00,             // PageBatch
             0x03, 0x00, 0x00, 0x00, // 3 payload bytes
         ];
@@ -510,7 +511,7 @@ mod tests {
         })
         .unwrap();
         // Built by hand, not by `encode` (which writes in place too).
-        let mut covered = b"HVMG\x01\x00\x02\x00\x07\x00\x00\x00".to_vec();
+        let mut covered = b"HVMG\x02\x00\x02\x00\x07\x00\x00\x00".to_vec();
         covered.extend_from_slice(b"payload");
         let mut expected = b"queued".to_vec();
         expected.extend_from_slice(&covered[..CHECKED_HEADER_LEN]);
@@ -754,17 +755,17 @@ mod tests {
 
     #[test]
     fn unsupported_version() {
-        let bytes = raw_frame(MAGIC, 2, FrameKind::Hello.code(), 0, &[]);
+        let bytes = raw_frame(MAGIC, 1, FrameKind::Hello.code(), 0, &[]);
         assert_eq!(
             decode_all(&bytes),
-            Err(FrameError::UnsupportedVersion { found: 2 })
+            Err(FrameError::UnsupportedVersion { found: 1 })
         );
         // Reported from the first six bytes, without waiting for the rest of the header.
         let mut decoder = FrameDecoder::new();
         decoder.push(&bytes[..6]);
         assert_eq!(
             decoder.next_frame(),
-            Err(FrameError::UnsupportedVersion { found: 2 })
+            Err(FrameError::UnsupportedVersion { found: 1 })
         );
     }
 

@@ -137,8 +137,18 @@ pub struct VmConfig {
     pub dirty_rate: u64,
     /// The MAC of the VM's NIC, announced by the destination after the move (seed step 8).
     pub mac: [u8; 6],
-    /// The shared disk the VM uses, if any.
-    pub disk_id: Option<String>,
+    /// The shared disk the VM uses, if any: handed over at the switchover, never copied.
+    pub disk: Option<SharedDisk>,
+}
+
+/// A VM's disk on shared storage, as both nodes name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDisk {
+    /// Where it lives, in the nodes' own spelling (an iSCSI `<target iqn>/<lun>`).
+    pub id: String,
+    /// Its size in 512-byte sectors: the destination builds the same virtio-blk device before
+    /// the device state arrives.
+    pub sectors: u64,
 }
 
 /// Why the destination refuses a VM configuration.
@@ -737,11 +747,12 @@ impl Message {
                 out.extend_from_slice(&c.vcpus.to_le_bytes());
                 out.extend_from_slice(&c.dirty_rate.to_le_bytes());
                 out.extend_from_slice(&c.mac);
-                match &c.disk_id {
+                match &c.disk {
                     None => out.push(0),
-                    Some(id) => {
+                    Some(disk) => {
                         out.push(1);
-                        put_str(out, id, "disk id", MAX_TEXT_LEN)?;
+                        put_str(out, &disk.id, "disk id", MAX_TEXT_LEN)?;
+                        out.extend_from_slice(&disk.sectors.to_le_bytes());
                     }
                 }
             }
@@ -885,9 +896,12 @@ impl Message {
                 let vcpus = r.u32("vcpu count")?;
                 let dirty_rate = r.u64("dirty rate")?;
                 let mac = r.array::<6>("mac")?;
-                let disk_id = match r.u8("disk flag")? {
+                let disk = match r.u8("disk flag")? {
                     0 => None,
-                    1 => Some(r.str("disk id", MAX_TEXT_LEN)?),
+                    1 => Some(SharedDisk {
+                        id: r.str("disk id", MAX_TEXT_LEN)?,
+                        sectors: r.u64("disk sectors")?,
+                    }),
                     v => {
                         return Err(MessageError::UnknownValue {
                             field: "disk flag",
@@ -901,7 +915,7 @@ impl Message {
                     vcpus,
                     dirty_rate,
                     mac,
-                    disk_id,
+                    disk,
                 };
                 validate_config(&config)?;
                 Message::VmConfig(config)
@@ -1058,6 +1072,14 @@ fn validate_config(c: &VmConfig) -> Result<(), MessageError> {
             value: u64::from(c.vcpus),
         });
     }
+    if let Some(disk) = &c.disk {
+        if disk.sectors == 0 || disk.id.is_empty() {
+            return Err(MessageError::InvalidValue {
+                field: "disk",
+                value: disk.sectors,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -1135,7 +1157,10 @@ mod tests {
                 vcpus: 1,
                 dirty_rate: 5000,
                 mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
-                disk_id: Some("lun0/vm1".to_string()),
+                disk: Some(SharedDisk {
+                    id: "iqn.2026-11.test.hv:cluster/1".to_string(),
+                    sectors: 131_072,
+                }),
             }),
             Message::VmConfig(VmConfig {
                 name: "g".to_string(),
@@ -1143,7 +1168,7 @@ mod tests {
                 vcpus: MAX_VCPUS,
                 dirty_rate: 0,
                 mac: [0; 6],
-                disk_id: None,
+                disk: None,
             }),
             Message::VmConfigReply(ConfigReply::Accept),
             Message::PageBatch(PageBatch {
@@ -1326,7 +1351,7 @@ mod tests {
             vcpus: 1,
             dirty_rate: 0,
             mac: [0; 6],
-            disk_id: None,
+            disk: None,
         });
         assert!(bad_mem.encode(&mut Vec::new()).is_err());
         let bad_vcpus = Message::VmConfig(VmConfig {
@@ -1335,7 +1360,7 @@ mod tests {
             vcpus: 0,
             dirty_rate: 0,
             mac: [0; 6],
-            disk_id: None,
+            disk: None,
         });
         assert!(bad_vcpus.encode(&mut Vec::new()).is_err());
         let long_name = Message::Abort(Abort {

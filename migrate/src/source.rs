@@ -8,7 +8,7 @@
 //!   (DestroyVm)
 //! ```
 //!
-//! A VM with a shared disk (`VmConfig::disk_id`) passes through `Quiescing`: its requests in
+//! A VM with a shared disk (`VmConfig::disk`) passes through `Quiescing`: its requests in
 //! flight complete (their data lands in guest memory before the final pages are harvested) and
 //! the target's cache is flushed, so the destination starts from the disk the guest saw. The
 //! destination takes the disk's reservation over before it resumes the VM (see
@@ -432,7 +432,7 @@ impl Source {
             return;
         }
         self.summary.paused_us = Some(now);
-        if self.config.vm.disk_id.is_some() {
+        if self.config.vm.disk.is_some() {
             self.out.push_back(Output::Do(SourceAction::QuiesceDisk));
             self.wait(SourceState::Quiescing, now, self.config.timeouts.disk_us);
         } else {
@@ -530,7 +530,7 @@ impl Source {
         }
         if self.paused {
             self.paused = false;
-            if self.commit_sent && self.config.vm.disk_id.is_some() {
+            if self.commit_sent && self.config.vm.disk.is_some() {
                 self.out.push_back(Output::Do(SourceAction::ReclaimDisk));
             }
             self.out.push_back(Output::Do(SourceAction::ResumeVm));
@@ -732,7 +732,7 @@ mod tests {
                 vcpus: 1,
                 dirty_rate: 0,
                 mac: [2; 6],
-                disk_id: None,
+                disk: None,
             },
             policy: PolicyConfig::default(),
             timeouts: Timeouts::default(),
@@ -746,7 +746,7 @@ mod tests {
 
     fn peer_hello() -> Message {
         Message::Hello(Hello {
-            min_version: 1,
+            min_version: crate::frame::PROTOCOL_VERSION,
             max_version: 2,
             node_name: "node2".to_string(),
             capabilities: Capabilities::KNOWN,
@@ -794,8 +794,8 @@ mod tests {
         s.on_message(
             1,
             Message::Hello(Hello {
-                min_version: 2,
-                max_version: 3,
+                min_version: 3,
+                max_version: 4,
                 node_name: String::new(),
                 capabilities: Capabilities::KNOWN,
                 cpu_vendor: CpuVendor::Intel,

@@ -259,7 +259,7 @@ pub fn source_config(pages: usize, batch_pages: usize) -> SourceConfig {
             vcpus: 1,
             dirty_rate: 0,
             mac: MAC,
-            disk_id: None,
+            disk: None,
         },
         policy: policy(),
         timeouts: timeouts(),

@@ -249,7 +249,7 @@ impl Migrations {
                 vcpus: 1,
                 dirty_rate: v.spec.dirty_pages_per_sec,
                 mac: v.spec.mac,
-                disk_id: None,
+                disk: None,
             },
             policy: PolicyConfig {
                 downtime_target_us: downtime_ms.saturating_mul(1000),
@@ -819,7 +819,7 @@ fn source_actions(
                     }
                     out.in_doubt = false;
                 }
-                // No VM has a shared disk yet (`disk_id` is always None); refuse safely.
+                // No VM has a shared disk yet (`disk` is always None); refuse safely.
                 SourceAction::QuiesceDisk => {
                     let mut guest = SourceVm {
                         vms,
@@ -927,7 +927,7 @@ fn destination_actions(
                 }
             }
             DestinationAction::AnnounceMac(mac) => *announce = Some(mac),
-            // No VM has a shared disk yet (`disk_id` is always None); refuse safely.
+            // No VM has a shared disk yet (`disk` is always None); refuse safely.
             DestinationAction::TakeDisk => {
                 let more = inc
                     .driver
