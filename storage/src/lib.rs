@@ -4,7 +4,8 @@
 //! kernel's loop), the iSCSI Basic Header Segment codec it builds on ([`pdu`]), the SCSI commands
 //! the hypervisor issues including the persistent reservations that hand a VM's disk from one
 //! node to another ([`scsi`]) and, with the `std` feature, a blocking client over TCP for host
-//! tools and tests (`blocking`). Later: the shared volume layout.
+//! tools and tests (`blocking`), and how the hypervisor names a shared disk ([`path`]). Later: the
+//! shared volume layout.
 //!
 //! Dependency rule: `storage` is plain `no_std + alloc` logic. It never depends on hardware, on the
 //! kernel, or on `vmx`, `migrate` or `net`: it talks to the target through a byte-stream trait
@@ -20,7 +21,9 @@ extern crate std;
 #[cfg(feature = "std")]
 pub mod blocking;
 pub mod iscsi;
+pub mod path;
 pub mod pdu;
 pub mod scsi;
 
+pub use path::{LunPath, LunPathError};
 pub use pdu::{Bhs, Lun, Opcode, PduError, SequenceField};

@@ -262,8 +262,17 @@ fn two_initiators_register_reserve_conflict_and_preempt() {
     assert!(conflict(outsider.write(16, &pattern(4096, 3))));
     assert_eq!(outsider.read(0, 8).unwrap(), pattern(4096, 1));
 
+    // A write of no blocks is the harmless probe of whether a node may write: allowed to a
+    // registrant, refused to the unregistered.
+    a.write(0, &[]).unwrap();
+    assert!(conflict(outsider.write(0, &[])));
+
     // Node b fences node a.
     b.preempt(key_b, key_a).unwrap();
+    assert!(
+        conflict(a.write(0, &[])),
+        "a's probe is refused once fenced"
+    );
     assert!(conflict(a.write(0, &pattern(4096, 4))), "a is fenced");
     b.write(0, &pattern(4096, 5)).unwrap();
     assert_eq!(b.read(0, 8).unwrap(), pattern(4096, 5));
