@@ -19,6 +19,7 @@ mod net;
 mod pci;
 mod serial;
 mod shell;
+mod storage;
 mod trap;
 mod vm;
 
@@ -90,12 +91,15 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 
     let vms = vm::VmTable::new(&caps);
     let migrations = migration::Migrations::new(&config.name);
+    let mut storage = storage::Storage::new(&config.name, config.iscsi_portal);
+    storage.set_peers(config.peers.iter().map(|p| p.name.clone()).collect());
     shell::run(shell::Node {
         config,
         caps,
         vms,
         net,
         migrations,
+        storage,
     })
 }
 

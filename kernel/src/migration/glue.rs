@@ -11,7 +11,10 @@ use migrate::machine::GuestError;
 use migrate::message::{Hello, RefuseReason, VmConfig, PAGE_SIZE};
 use migrate::source::SourceGuest;
 
-use crate::vm::{ClockState, DirtyTracking, Vm, VmSpec, VmTable};
+use ::storage::LunPath;
+
+use crate::storage::Storage;
+use crate::vm::{ClockState, DirtyTracking, DiskSpec, Vm, VmSpec, VmTable};
 
 /// Logs a local failure with its detail (the protocol carries static texts only).
 fn failed(vm: &str, what: &'static str, detail: &str) -> GuestError {
@@ -89,6 +92,8 @@ pub struct IncomingVm {
     hashes: Vec<u64>,
     /// The VM's MAC, announced once it runs here.
     pub mac: [u8; 6],
+    /// The VM's shared disk, attached at admission and taken over at the commit.
+    pub disk: Option<LunPath>,
 }
 
 impl IncomingVm {
@@ -99,6 +104,7 @@ impl IncomingVm {
             digest: MemoryDigest::zeroed(0),
             hashes: Vec::new(),
             mac: [0; 6],
+            disk: None,
         }
     }
 }
@@ -106,6 +112,7 @@ impl IncomingVm {
 /// The destination's host: the VM table plus the copy being built.
 pub struct DestinationNode<'a> {
     pub vms: &'a mut VmTable,
+    pub storage: &'a mut Storage,
     pub copy: &'a mut IncomingVm,
 }
 
@@ -191,9 +198,35 @@ impl DestinationHost for DestinationNode<'_> {
             return Err(RefuseReason::NotEnoughMemory { free_bytes: 0 });
         }
         hashes.resize(pages as usize, migrate::digest::zero_page_hash());
-        self.vms
-            .create_incoming(spec)
-            .map_err(|e| RefuseReason::Other(format!("{e}")))?;
+        // The shared disk: a session to it now (it logs in while the pages arrive); the
+        // reservation is taken only at the commit.
+        let disk = match &config.disk {
+            None => None,
+            Some(shared) => {
+                let path = LunPath::parse(&shared.id)
+                    .map_err(|e| RefuseReason::Other(format!("disk '{}': {e}", shared.id)))?;
+                self.storage
+                    .attach(&path, &config.name)
+                    .map_err(|e| RefuseReason::Other(format!("{e}")))?;
+                let Some(backend) = self.storage.backend(&path, shared.sectors) else {
+                    self.storage.detach(&path);
+                    return Err(RefuseReason::Other(format!("disk {path}: not attached")));
+                };
+                Some((path, backend))
+            }
+        };
+        let path = disk.as_ref().map(|(path, _)| path.clone());
+        let created = self.vms.create_incoming(
+            spec,
+            disk.map(|(path, backend)| (DiskSpec::Iscsi(path), backend)),
+        );
+        if let Err(e) = created {
+            if let Some(path) = path.as_ref() {
+                self.storage.detach(path);
+            }
+            return Err(RefuseReason::Other(format!("{e}")));
+        }
+        self.copy.disk = path;
         self.copy.name = Some(config.name.clone());
         self.copy.mac = config.mac;
         self.copy.digest = MemoryDigest::zeroed(pages);

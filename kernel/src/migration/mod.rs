@@ -25,7 +25,7 @@ use migrate::destination::{Destination, DestinationAction, DestinationConfig, De
 use migrate::digest::MemoryDigest;
 use migrate::driver::{DestinationDriver, SourceDriver};
 use migrate::machine::Timeouts;
-use migrate::message::{Capabilities, CpuVendor, Ownership, VmConfig, PAGE_SIZE};
+use migrate::message::{Capabilities, CpuVendor, Ownership, SharedDisk, VmConfig, PAGE_SIZE};
 use migrate::owner::{OwnerQueryClient, OwnerResponder, QueryState};
 use migrate::policy::PolicyConfig;
 use migrate::source::{Source, SourceAction, SourceConfig, SourceState};
@@ -33,7 +33,10 @@ use migrate::source::{Source, SourceAction, SourceConfig, SourceState};
 use crate::clock;
 use crate::net::Net;
 use crate::net::SocketPipe;
-use crate::vm::{VmState, VmTable};
+use crate::storage::attachment::{Procedure, Ticket};
+use crate::storage::{After, Storage};
+use crate::vm::{DiskSpec, VmState, VmTable};
+use ::storage::LunPath;
 use glue::{DestinationNode, IncomingVm, SourceVm};
 
 /// The TCP port every node receives migrations on.
@@ -66,6 +69,19 @@ struct Outgoing {
     /// While in doubt: the owner query under way, and when the next may start.
     query: Option<(OwnerQueryClient, SocketHandle)>,
     next_query_us: u64,
+    /// The VM's shared disk, if it has one.
+    disk: Option<LunPath>,
+    /// The switchover's quiesce of that disk, while the source waits in `Quiescing`.
+    quiesce: Quiesce,
+}
+
+/// Where the source's quiesce of a shared disk is: the paused VM's requests drain, then the
+/// target flushes its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quiesce {
+    Idle,
+    Draining,
+    Flushing(Ticket),
 }
 
 /// A VM arriving on this node.
@@ -74,12 +90,25 @@ struct Incoming {
     socket: SocketHandle,
     copy: IncomingVm,
     started_us: u64,
+    /// The takeover of the VM's shared disk, once asked for.
+    takeover: Option<Ticket>,
 }
 
 /// The VM's MAC being announced at its new home.
 struct Announcement {
     mac: [u8; 6],
     schedule: AnnounceSchedule,
+}
+
+/// Failures the end-to-end tests cause on purpose, each for the next incoming migration.
+#[derive(Debug, Default)]
+pub struct TestHooks {
+    /// `migrate debug drop-commit-ack`: commit, but lose the acknowledgement (the source is
+    /// then in doubt).
+    pub drop_next_commit_ack: bool,
+    /// `migrate debug fail-takeover`: take the disk over, then report a failure (the worst
+    /// case for the source, which must take it back).
+    pub fail_next_takeover: bool,
 }
 
 /// This node's migrations.
@@ -92,9 +121,8 @@ pub struct Migrations {
     history: Vec<String>,
     owner_listener: Option<SocketHandle>,
     responders: Vec<(OwnerResponder, SocketHandle)>,
-    /// Test hook (`migrate debug drop-commit-ack`): the next incoming migration commits but
-    /// its acknowledgement is lost, which puts the source in doubt.
-    pub drop_next_commit_ack: bool,
+    /// Failures the e2e tests cause on purpose (`migrate debug ...`).
+    pub hooks: TestHooks,
 }
 
 /// Downtime target of a migration unless `migrate ... downtime=<ms>` says otherwise: 50 ms, not
@@ -198,7 +226,7 @@ impl Migrations {
             history: Vec::new(),
             owner_listener: None,
             responders: Vec::new(),
-            drop_next_commit_ack: false,
+            hooks: TestHooks::default(),
         }
     }
 
@@ -238,6 +266,10 @@ impl Migrations {
         if let Some(why) = v.migration_blocker() {
             return Err(StartError::Setup(why));
         }
+        let disk = v.disk().and_then(|(spec, device)| match spec {
+            DiskSpec::Iscsi(path) => Some((path.clone(), device.config().capacity_sectors)),
+            DiskSpec::Ram { .. } => None,
+        });
         let config = SourceConfig {
             node_name: self.node_name.clone(),
             capabilities: capabilities(),
@@ -249,7 +281,10 @@ impl Migrations {
                 vcpus: 1,
                 dirty_rate: v.spec.dirty_pages_per_sec,
                 mac: v.spec.mac,
-                disk: None,
+                disk: disk.as_ref().map(|(path, sectors)| SharedDisk {
+                    id: path.to_string(),
+                    sectors: *sectors,
+                }),
             },
             policy: PolicyConfig {
                 downtime_target_us: downtime_ms.saturating_mul(1000),
@@ -290,12 +325,19 @@ impl Migrations {
             digest: None,
             query: None,
             next_query_us: 0,
+            disk: disk.map(|(path, _)| path),
+            quiesce: Quiesce::Idle,
         });
         Ok(())
     }
 
     /// `migrate cancel <vm>`: aborts the outgoing migration of `vm` (before its commit).
-    pub fn cancel(&mut self, vms: &mut VmTable, vm: &str) -> Result<(), String> {
+    pub fn cancel(
+        &mut self,
+        vms: &mut VmTable,
+        storage: &mut Storage,
+        vm: &str,
+    ) -> Result<(), String> {
         let Some(out) = self.outgoing.as_mut().filter(|o| o.vm == vm) else {
             return Err(format!("no migration of '{vm}' is running on this node"));
         };
@@ -306,31 +348,42 @@ impl Migrations {
         }
         let actions = out.driver.cancel(now_us());
         let mut lines = Vec::new();
-        source_actions(out, vms, actions, &mut lines);
+        source_actions(out, vms, storage, actions, &mut lines);
         Ok(())
     }
 
     /// `migrate resolve <vm> here|there`: the operator's answer for a migration in doubt.
-    pub fn resolve(&mut self, vms: &mut VmTable, vm: &str, there: bool) -> Result<(), String> {
+    pub fn resolve(
+        &mut self,
+        vms: &mut VmTable,
+        storage: &mut Storage,
+        vm: &str,
+        there: bool,
+    ) -> Result<(), String> {
         let Some(out) = self.outgoing.as_mut().filter(|o| o.vm == vm && o.in_doubt) else {
             return Err(format!("no migration of '{vm}' is in doubt on this node"));
         };
         let actions = out.driver.resolve_in_doubt(now_us(), there);
         let mut lines = Vec::new();
-        source_actions(out, vms, actions, &mut lines);
+        source_actions(out, vms, storage, actions, &mut lines);
         Ok(())
     }
 
     /// One pass of migration work; returns lines for the console and whether there is more
     /// to do right away (the loop should not halt).
-    pub fn poll(&mut self, net: &mut Net, vms: &mut VmTable) -> (Vec<String>, bool) {
+    pub fn poll(
+        &mut self,
+        net: &mut Net,
+        vms: &mut VmTable,
+        storage: &mut Storage,
+    ) -> (Vec<String>, bool) {
         let mut lines = Vec::new();
         let mut busy = false;
         self.ensure_listener(net);
         self.accept(net, vms);
         self.serve_owner_queries(net, vms);
         if let Some(out) = self.outgoing.as_mut() {
-            busy |= poll_outgoing(out, net, vms, &mut lines);
+            busy |= poll_outgoing(out, net, vms, storage, &mut lines);
             if out.driver.finished() && !out.in_doubt {
                 let out = self.outgoing.take().expect("checked above");
                 self.finish_outgoing(out, net, vms, &mut lines);
@@ -342,9 +395,10 @@ impl Migrations {
                 inc,
                 net,
                 vms,
+                storage,
                 &mut lines,
                 &mut announce,
-                &mut self.drop_next_commit_ack,
+                &mut self.hooks,
             );
             if let Some(mac) = announce {
                 self.announcements.push(Announcement {
@@ -469,6 +523,7 @@ impl Migrations {
                     socket: handle,
                     copy: IncomingVm::new(),
                     started_us: now,
+                    takeover: None,
                 });
             }
             Err(e) => {
@@ -680,18 +735,20 @@ fn poll_outgoing(
     out: &mut Outgoing,
     net: &mut Net,
     vms: &mut VmTable,
+    storage: &mut Storage,
     lines: &mut Vec<String>,
 ) -> bool {
     let Some(stack) = net.cluster_stack() else {
         let actions = out.driver.cancel(now_us());
-        source_actions(out, vms, actions, lines);
+        source_actions(out, vms, storage, actions, lines);
         return false;
     };
     let now = now_us();
     if out.in_doubt {
-        settle_in_doubt(out, stack, vms, lines, now);
+        settle_in_doubt(out, stack, vms, storage, lines, now);
         return false;
     }
+    quiesce_step(out, vms, storage, lines);
     let mut pipe = SocketPipe(stack.tcp_socket(out.socket));
     let actions = {
         let mut guest = SourceVm {
@@ -701,14 +758,56 @@ fn poll_outgoing(
         };
         out.driver.step(now, &mut pipe, &mut guest)
     };
-    source_actions(out, vms, actions, lines);
+    source_actions(out, vms, storage, actions, lines);
     let actions = out.driver.flush(now_us(), &mut pipe);
-    source_actions(out, vms, actions, lines);
+    source_actions(out, vms, storage, actions, lines);
     out.driver.link().queued() > 0
         || matches!(
             out.driver.source().state(),
-            SourceState::PreCopy | SourceState::FinalCopy
+            SourceState::PreCopy | SourceState::Quiescing | SourceState::FinalCopy
         )
+}
+
+/// The quiesce of a paused VM's shared disk: once its requests have drained, the flush; once
+/// that answered, the source goes on (or aborts, if the flush failed).
+fn quiesce_step(
+    out: &mut Outgoing,
+    vms: &mut VmTable,
+    storage: &mut Storage,
+    lines: &mut Vec<String>,
+) {
+    let result = match (out.quiesce, out.disk.clone()) {
+        (Quiesce::Idle, _) => return,
+        (_, None) => Some(Err(String::from("the VM has no shared disk"))),
+        (Quiesce::Draining, Some(path)) => {
+            if vms.get(&out.vm).is_ok_and(|vm| vm.disk_in_flight() > 0) {
+                return;
+            }
+            match storage.start(&path, Procedure::Flush) {
+                Ok(ticket) => {
+                    out.quiesce = Quiesce::Flushing(ticket);
+                    None
+                }
+                Err(e) => Some(Err(format!("{e}"))),
+            }
+        }
+        (Quiesce::Flushing(ticket), Some(path)) => storage
+            .result(&path, ticket)
+            .map(|result| result.map(|_| ()).map_err(|e| storage.describe(&e))),
+    };
+    let Some(result) = result else {
+        return;
+    };
+    out.quiesce = Quiesce::Idle;
+    let actions = {
+        let mut guest = SourceVm {
+            vms,
+            name: &out.vm,
+            was_running: out.was_running,
+        };
+        out.driver.on_disk_quiesced(now_us(), &mut guest, result)
+    };
+    source_actions(out, vms, storage, actions, lines);
 }
 
 /// Asks the destination, again and again, whether it runs the VM, until it answers for sure.
@@ -716,6 +815,7 @@ fn settle_in_doubt(
     out: &mut Outgoing,
     stack: &mut ::net::stack::Stack<crate::net::Nic>,
     vms: &mut VmTable,
+    storage: &mut Storage,
     lines: &mut Vec<String>,
     now: u64,
 ) {
@@ -758,7 +858,7 @@ fn settle_in_doubt(
             if committed { "runs" } else { "does not run" }
         ));
         let actions = out.driver.resolve_in_doubt(now, committed);
-        source_actions(out, vms, actions, lines);
+        source_actions(out, vms, storage, actions, lines);
     }
 }
 
@@ -766,6 +866,7 @@ fn settle_in_doubt(
 fn source_actions(
     out: &mut Outgoing,
     vms: &mut VmTable,
+    storage: &mut Storage,
     actions: Vec<SourceAction>,
     lines: &mut Vec<String>,
 ) {
@@ -818,21 +919,40 @@ fn source_actions(
                         log::error!("migration of {}: destroy: {e}", out.vm);
                     }
                     out.in_doubt = false;
+                    if let Some(path) = out.disk.as_ref() {
+                        // The destination preempted this node: show that the target now
+                        // refuses its writes, then let the session go.
+                        let after = After::FenceCheck {
+                            vm: out.vm.clone(),
+                            new_owner: out.peer.clone(),
+                        };
+                        if storage
+                            .start_background(path, Procedure::Probe, after)
+                            .is_err()
+                        {
+                            storage.detach(path);
+                        }
+                    }
                 }
-                // No VM has a shared disk yet (`disk` is always None); refuse safely.
-                SourceAction::QuiesceDisk => {
-                    let mut guest = SourceVm {
-                        vms,
-                        name: &out.vm,
-                        was_running: out.was_running,
-                    };
-                    next.extend(out.driver.on_disk_quiesced(
-                        now_us(),
-                        &mut guest,
-                        Err("this node moves no disks yet".into()),
-                    ));
+                SourceAction::QuiesceDisk => out.quiesce = Quiesce::Draining,
+                SourceAction::ReclaimDisk => {
+                    if let Some(path) = out.disk.clone() {
+                        // The VM's I/O waits until this node holds the disk again.
+                        storage.hold(&path, true);
+                        let after = After::Reclaimed { vm: out.vm.clone() };
+                        if let Err(e) = storage.start_background(
+                            &path,
+                            Procedure::Claim { takeover: true },
+                            after,
+                        ) {
+                            storage.hold(&path, false);
+                            lines.push(format!(
+                                "migration of {}: taking disk {path} back: {e}",
+                                out.vm
+                            ));
+                        }
+                    }
                 }
-                SourceAction::ReclaimDisk => {}
                 SourceAction::ResolveInDoubt => {
                     out.in_doubt = true;
                     lines.push(format!(
@@ -863,38 +983,59 @@ fn poll_incoming(
     inc: &mut Incoming,
     net: &mut Net,
     vms: &mut VmTable,
+    storage: &mut Storage,
     lines: &mut Vec<String>,
     announce: &mut Option<[u8; 6]>,
-    drop_commit_ack: &mut bool,
+    hooks: &mut TestHooks,
 ) -> bool {
     let Some(stack) = net.cluster_stack() else {
         return false;
     };
     let now = now_us();
     let mut pipe = SocketPipe(stack.tcp_socket(inc.socket));
+    if let (Some(ticket), Some(path)) = (inc.takeover, inc.copy.disk.clone()) {
+        if let Some(result) = storage.result(&path, ticket) {
+            inc.takeover = None;
+            let mut result = result.map(|_| ()).map_err(|e| storage.describe(&e));
+            if result.is_ok() && core::mem::take(&mut hooks.fail_next_takeover) {
+                log::warn!("debug: failing the disk takeover after it succeeded");
+                result = Err(String::from(
+                    "failed on purpose (migrate debug fail-takeover)",
+                ));
+            }
+            match &result {
+                Ok(()) => log::info!("migration: disk {path} taken over"),
+                Err(e) => log::warn!("migration: disk {path}: takeover failed: {e}"),
+            }
+            let actions = inc.driver.on_disk_taken(result);
+            destination_actions(inc, vms, storage, actions, lines, announce);
+        }
+    }
     let actions = {
         let mut host = DestinationNode {
             vms,
+            storage,
             copy: &mut inc.copy,
         };
         inc.driver.step(now, &mut pipe, &mut host)
     };
-    if *drop_commit_ack && actions.contains(&DestinationAction::ResumeVm) {
+    if hooks.drop_next_commit_ack && actions.contains(&DestinationAction::ResumeVm) {
         // The test hook: commit, but reset the connection before the acknowledgement leaves.
-        *drop_commit_ack = false;
+        hooks.drop_next_commit_ack = false;
         log::warn!("debug: dropping the commit acknowledgement");
         pipe.0.abort();
     }
-    destination_actions(inc, vms, actions, lines, announce);
+    destination_actions(inc, vms, storage, actions, lines, announce);
     let actions = inc.driver.flush(now_us(), &mut pipe);
-    destination_actions(inc, vms, actions, lines, announce);
-    inc.driver.link().queued() > 0
+    destination_actions(inc, vms, storage, actions, lines, announce);
+    inc.driver.link().queued() > 0 || inc.takeover.is_some()
 }
 
 /// Carries out what the destination asked for.
 fn destination_actions(
     inc: &mut Incoming,
     vms: &mut VmTable,
+    storage: &mut Storage,
     actions: Vec<DestinationAction>,
     lines: &mut Vec<String>,
     announce: &mut Option<[u8; 6]>,
@@ -925,14 +1066,27 @@ fn destination_actions(
                     }
                     lines.push(format!("incoming copy of {name} discarded"));
                 }
+                if let Some(path) = inc.copy.disk.as_ref() {
+                    // A takeover may have gone through before the failure: give the disk up
+                    // (the source takes it back in any case).
+                    storage.release_and_detach(path);
+                }
             }
             DestinationAction::AnnounceMac(mac) => *announce = Some(mac),
-            // No VM has a shared disk yet (`disk` is always None); refuse safely.
             DestinationAction::TakeDisk => {
-                let more = inc
-                    .driver
-                    .on_disk_taken(Err("this node takes no disks yet".into()));
-                destination_actions(inc, vms, more, lines, announce);
+                let started = match inc.copy.disk.as_ref() {
+                    Some(path) => storage
+                        .start(path, Procedure::Claim { takeover: true })
+                        .map_err(|e| format!("{e}")),
+                    None => Err(String::from("the VM has no shared disk here")),
+                };
+                match started {
+                    Ok(ticket) => inc.takeover = Some(ticket),
+                    Err(e) => {
+                        let more = inc.driver.on_disk_taken(Err(e));
+                        destination_actions(inc, vms, storage, more, lines, announce);
+                    }
+                }
             }
         }
     }

@@ -455,6 +455,11 @@ impl Net {
         more
     }
 
+    /// The storage interface's stack, for the connections of other modules (iSCSI).
+    pub fn storage_stack(&mut self) -> Option<&mut Stack<Nic>> {
+        self.storage.as_mut().map(|i| &mut i.stack)
+    }
+
     /// The storage-network interface, if the node has one.
     pub fn storage(&self) -> Option<&Iface> {
         self.storage.as_ref()

@@ -18,7 +18,7 @@ type Result = core::result::Result<(), CommandError>;
 
 const VM_USAGE: &str =
     "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [track=dbit|wp] [mac=<xx:..>] \
-[disk=ram:<MiB>] | start|stop|pause|resume|verify|show|destroy|console <name> | list \
+[disk=ram:<MiB>|<iqn>/<lun>] | start|stop|pause|resume|verify|show|destroy|console <name> | list \
 | dirty <name> reset|harvest | verify <name> disk | disk <name> hold|run|digest";
 
 pub const TABLE: &[Command<Node>] = &[
@@ -92,6 +92,20 @@ pub const TABLE: &[Command<Node>] = &[
         summary: "move a VM to another node while it runs; progress, cancel",
         hidden: false,
         run: super::migrate::migrate,
+    },
+    Command {
+        name: "iscsi",
+        usage: super::storage::ISCSI_USAGE,
+        summary: "the shared storage's targets (SendTargets), this node's initiator and sessions",
+        hidden: false,
+        run: super::storage::iscsi,
+    },
+    Command {
+        name: "disk",
+        usage: super::storage::DISK_USAGE,
+        summary: "the shared disks: each LUN as <iqn>/<lun>, its size, which node holds it",
+        hidden: false,
+        run: super::storage::disk,
     },
     Command {
         name: "pci",
@@ -291,6 +305,7 @@ fn config(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
             match *key {
                 "cluster_addr" => node.net.set_address(node.config.cluster_addr),
                 "storage_addr" => node.net.set_storage_address(node.config.storage_addr),
+                "iscsi_portal" => node.storage.set_portal(node.config.iscsi_portal),
                 _ => {}
             }
             writeln!(out, "{key} = {value}").map_err(out_err)

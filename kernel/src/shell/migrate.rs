@@ -51,22 +51,30 @@ pub fn migrate(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
         ["status"] => node.migrations.status(&node.vms, out).map_err(out_err),
         ["cancel", vm] => {
             node.migrations
-                .cancel(&mut node.vms, vm)
+                .cancel(&mut node.vms, &mut node.storage, vm)
                 .map_err(CommandError::Failed)?;
             writeln!(out, "migration of {vm} cancelled").map_err(out_err)
         }
         ["resolve", vm, side @ ("here" | "there")] => {
             node.migrations
-                .resolve(&mut node.vms, vm, *side == "there")
+                .resolve(&mut node.vms, &mut node.storage, vm, *side == "there")
                 .map_err(CommandError::Failed)?;
             writeln!(out, "migration of {vm} resolved: the VM runs {side}").map_err(out_err)
         }
-        // Hidden test hook (see `Migrations::drop_next_commit_ack`).
+        // Hidden test hooks (see `migration::TestHooks`).
         ["debug", "drop-commit-ack"] => {
-            node.migrations.drop_next_commit_ack = true;
+            node.migrations.hooks.drop_next_commit_ack = true;
             writeln!(
                 out,
                 "the next incoming migration will lose its commit acknowledgement"
+            )
+            .map_err(out_err)
+        }
+        ["debug", "fail-takeover"] => {
+            node.migrations.hooks.fail_next_takeover = true;
+            writeln!(
+                out,
+                "the next incoming migration will fail after taking its disk over"
             )
             .map_err(out_err)
         }

@@ -3,6 +3,7 @@
 mod commands;
 mod migrate;
 mod net;
+mod storage;
 mod vm;
 
 use kernel::config::NodeConfig;
@@ -29,6 +30,7 @@ pub struct Node {
     pub vms: VmTable,
     pub net: crate::net::Net,
     pub migrations: crate::migration::Migrations,
+    pub storage: crate::storage::Storage,
 }
 
 impl Node {
@@ -113,35 +115,44 @@ pub fn run(mut node: Node) -> ! {
         // Busy: frames still waiting, or a bench sending (the loop then does not halt; the VM
         // slices still run every round).
         let net_busy = node.net.poll();
-        let (lines, migrating) = node.migrations.poll(&mut node.net, &mut node.vms);
-        print_above_prompt(&node, &editor, &lines);
+        let (lines, migrating) =
+            node.migrations
+                .poll(&mut node.net, &mut node.vms, &mut node.storage);
+        print_above_prompt(&node, &editor, "migrate", &lines);
+        let (lines, storage_busy) = node.storage.poll(&mut node.net);
+        print_above_prompt(&node, &editor, "storage", &lines);
         let ping = node.net.ping_output(&mut Console);
         let bench = node.net.bench_output(&mut Console);
         if ping == crate::net::JobState::Finished || bench == crate::net::JobState::Finished {
             prompt(&node);
         }
-        if !node.vms.any_runnable() && !net_busy && !migrating && !disk_busy {
+        if !node.vms.any_runnable() && !net_busy && !migrating && !disk_busy && !storage_busy {
             x86_64::instructions::interrupts::enable_and_hlt();
         }
     }
 }
 
-/// Prints lines of background work (migrations) above the prompt, then redraws the prompt
-/// with what the operator was typing.
-fn print_above_prompt(node: &Node, editor: &LineEditor, lines: &[alloc::string::String]) {
+/// Prints lines of background work (migrations, storage) above the prompt, tagged
+/// `[label]`, then redraws the prompt with what the operator was typing.
+fn print_above_prompt(
+    node: &Node,
+    editor: &LineEditor,
+    label: &str,
+    lines: &[alloc::string::String],
+) {
     if lines.is_empty() {
         return;
     }
     if node.vms.attached.is_some() {
         // The terminal belongs to the attached guest (see `run_vms`).
         for line in lines {
-            log::info!("[migrate] {line}");
+            log::info!("[{label}] {line}");
         }
         return;
     }
     serial::write_bytes(b"\r\x1b[K");
     for line in lines {
-        println!("[migrate] {line}");
+        println!("[{label}] {line}");
     }
     if !node.job_running() {
         prompt(node);

@@ -39,13 +39,27 @@ pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
         not_migrating(node, name)?;
     }
     let node_name = node.config.name.clone();
+    if let ["create", name, options @ ..] = args {
+        let (spec, disk) = parse_create(&node_name, name, options)?;
+        match disk {
+            Some(DiskSpec::Iscsi(path)) => super::storage::create_vm(node, spec, path)?,
+            disk => node.vms.create(spec, disk).map_err(failed)?,
+        }
+        return writeln!(out, "vm {name} created (off); 'vm start {name}' boots it")
+            .map_err(out_err);
+    }
+    if let ["destroy", name] = args {
+        let disk = node
+            .vms
+            .get(name)
+            .ok()
+            .and_then(|vm| vm.disk().map(|(spec, _)| spec.clone()));
+        node.vms.destroy(name).map_err(failed)?;
+        super::storage::destroyed_vm(node, disk);
+        return writeln!(out, "vm {name} destroyed").map_err(out_err);
+    }
     let vms = &mut node.vms;
     match args {
-        ["create", name, options @ ..] => {
-            let (spec, disk) = parse_create(&node_name, name, options)?;
-            vms.create(spec, disk).map_err(failed)?;
-            writeln!(out, "vm {name} created (off); 'vm start {name}' boots it").map_err(out_err)
-        }
         ["start", name] => {
             vms.start(name).map_err(failed)?;
             writeln!(out, "vm {name} started").map_err(out_err)
@@ -61,10 +75,6 @@ pub fn vm(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
         ["resume", name] => {
             vms.resume(name).map_err(failed)?;
             writeln!(out, "vm {name} resumed").map_err(out_err)
-        }
-        ["destroy", name] => {
-            vms.destroy(name).map_err(failed)?;
-            writeln!(out, "vm {name} destroyed").map_err(out_err)
         }
         ["verify", name] => {
             guest_command(vms, name, guest_abi::command::VERIFY)?;

@@ -39,6 +39,7 @@ use alloc::vec::Vec;
 
 use guest_abi::disk::DiskDigest;
 use kernel::frames::FRAME_SIZE;
+use storage::LunPath;
 use vmx::devices::pci::{PciDevices, PciFunction, PciHost, COMMAND_BUS_MASTER, COMMAND_IO};
 use vmx::devices::virtio::blk::{
     BlkConfig, BlockError, BlockRequest, BlockResult, CompleteError, RequestId, RequestKind,
@@ -59,40 +60,44 @@ const DISK_IRQ_LINE: u8 = 11;
 pub const MAX_RAM_DISK_MIB: u64 = 1024;
 
 /// Which disk a VM gets (`vm create ... disk=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskSpec {
     /// A zeroed RAM disk of this many MiB, on this node only.
     Ram { mib: u64 },
+    /// A LUN on the cluster's shared iSCSI storage (`<target iqn>/<lun>`).
+    Iscsi(LunPath),
 }
 
 impl DiskSpec {
-    /// Parses the value of `disk=`: `ram:<MiB>` (1..=[`MAX_RAM_DISK_MIB`]).
+    /// Parses the value of `disk=`: `ram:<MiB>` (1..=[`MAX_RAM_DISK_MIB`]) or
+    /// `<target iqn>/<lun>`.
     pub fn parse(value: &str) -> Result<DiskSpec, String> {
         let usage = || {
             format!(
-                "disk must be ram:<MiB> (a RAM disk of 1 to {MAX_RAM_DISK_MIB} MiB), not '{value}'"
+                "disk must be ram:<MiB> (a RAM disk of 1 to {MAX_RAM_DISK_MIB} MiB) or \
+                 <target iqn>/<lun> (a shared LUN, see 'disk list'), not '{value}'"
             )
         };
-        let (kind, size) = value.split_once(':').ok_or_else(usage)?;
-        match kind {
-            "ram" => {
-                let mib: u64 = size.parse().map_err(|_| usage())?;
-                if !(1..=MAX_RAM_DISK_MIB).contains(&mib) {
-                    return Err(usage());
-                }
-                Ok(DiskSpec::Ram { mib })
+        if let Some(size) = value.strip_prefix("ram:") {
+            let mib: u64 = size.parse().map_err(|_| usage())?;
+            if !(1..=MAX_RAM_DISK_MIB).contains(&mib) {
+                return Err(usage());
             }
-            "iscsi" => Err(String::from(
-                "disk=iscsi is not available yet: use disk=ram:<MiB>",
-            )),
-            _ => Err(usage()),
+            return Ok(DiskSpec::Ram { mib });
         }
+        if value.contains('/') {
+            return LunPath::parse(value)
+                .map(DiskSpec::Iscsi)
+                .map_err(|e| format!("disk '{value}': {e}"));
+        }
+        Err(usage())
     }
 
     /// Host memory the disk takes, in MiB.
     pub fn host_mib(&self) -> u64 {
         match self {
             DiskSpec::Ram { mib } => *mib,
+            DiskSpec::Iscsi(_) => 0,
         }
     }
 }
@@ -101,6 +106,7 @@ impl core::fmt::Display for DiskSpec {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             DiskSpec::Ram { mib } => write!(f, "{mib} MiB RAM disk"),
+            DiskSpec::Iscsi(path) => write!(f, "iSCSI {path}"),
         }
     }
 }
@@ -111,10 +117,6 @@ pub enum DiskKind {
     /// Only on this node (a RAM disk): a VM with one cannot move.
     Local,
     /// On storage every node reaches (an iSCSI LUN): the disk is handed over, not copied.
-    #[expect(
-        dead_code,
-        reason = "the iSCSI backend, still to come, is the first shared disk"
-    )]
     Shared,
 }
 

@@ -12,7 +12,7 @@ pub mod memory;
 mod nested;
 mod snapshot;
 
-pub use disk::{DiskKind, DiskSpec, DISK_SLOT as DISK_PCI_SLOT};
+pub use disk::{BlockBackend, DiskKind, DiskSpec, DISK_SLOT as DISK_PCI_SLOT};
 pub use snapshot::ClockState;
 
 use alloc::boxed::Box;
@@ -316,8 +316,8 @@ impl Vm {
     }
 
     /// The VM's disk: what it was created with and its device, if it has one.
-    pub fn disk(&self) -> Option<(DiskSpec, &vmx::devices::virtio::blk::VirtioBlk)> {
-        self.devices.disk.as_ref().map(|d| (d.spec, &d.device))
+    pub fn disk(&self) -> Option<(&DiskSpec, &vmx::devices::virtio::blk::VirtioBlk)> {
+        self.devices.disk.as_ref().map(|d| (&d.spec, &d.device))
     }
 
     /// Where the VM's disk lives, if it has one.
@@ -411,13 +411,28 @@ impl VmTable {
     /// Creates a VM (off, guest loaded), with a virtio-blk disk if `disk` says so, after
     /// checking every refusal up front.
     pub fn create(&mut self, spec: VmSpec, disk: Option<DiskSpec>) -> Result<(), VmError> {
-        self.build(spec, disk, false)
+        self.build(spec, disk.map(|d| (d, None)), false)
+    }
+
+    /// Creates a VM whose disk `spec` is served by `backend` (a shared LUN the storage service
+    /// attached).
+    pub fn create_attached(
+        &mut self,
+        spec: VmSpec,
+        disk: DiskSpec,
+        backend: Box<dyn disk::BlockBackend>,
+    ) -> Result<(), VmError> {
+        self.build(spec, Some((disk, Some(backend))), false)
     }
 
     /// Creates the empty shell of a VM arriving by migration: zeroed RAM, a placeholder vCPU
     /// state, state [`VmState::Incoming`], held by the migration. Refuses as `create` does.
-    pub fn create_incoming(&mut self, spec: VmSpec) -> Result<(), VmError> {
-        self.build(spec, None, true)
+    pub fn create_incoming(
+        &mut self,
+        spec: VmSpec,
+        disk: Option<(DiskSpec, Box<dyn disk::BlockBackend>)>,
+    ) -> Result<(), VmError> {
+        self.build(spec, disk.map(|(d, b)| (d, Some(b))), true)
     }
 
     /// Frames a VM of `mem_mib` would take, and the frames free now.
@@ -452,7 +467,7 @@ impl VmTable {
     fn build(
         &mut self,
         spec: VmSpec,
-        disk: Option<DiskSpec>,
+        disk: Option<(DiskSpec, Option<Box<dyn disk::BlockBackend>>)>,
         incoming: bool,
     ) -> Result<(), VmError> {
         if let Backend::Unavailable(why) = &self.backend {
@@ -466,14 +481,16 @@ impl VmTable {
         }
         let bytes = spec.mem_mib << 20;
         let pages = bytes / FRAME_SIZE;
-        let disk_mib = disk.map_or(0, |d| d.host_mib());
+        let disk_mib = disk.as_ref().map_or(0, |(d, _)| d.host_mib());
         self.memory_check(spec.mem_mib + disk_mib)?;
         let need_frames = pages + pages / 512 + 64;
         let tag = self.free_tag().ok_or(VmError::NoAsid)?;
         // The devices first: a disk that cannot be had refuses the VM before anything else
         // is allocated (and is freed with the platform if a later step fails).
         let backend = match disk {
-            Some(spec_disk @ DiskSpec::Ram { mib }) => {
+            Some((spec_disk, Some(backend))) => Some((spec_disk, backend)),
+            Some((spec_disk @ DiskSpec::Ram { .. }, None)) => {
+                let mib = spec_disk.host_mib();
                 let serial = format!("hvram-{}", spec.name);
                 let ram_disk =
                     disk::RamDisk::new(mib, &serial).map_err(|_| VmError::NotEnoughMemory {
@@ -481,6 +498,11 @@ impl VmTable {
                         free_mib: mem::frame_stats().free / 256,
                     })?;
                 Some((spec_disk, Box::new(ram_disk) as Box<dyn disk::BlockBackend>))
+            }
+            Some((other, None)) => {
+                return Err(VmError::Setup(format!(
+                    "disk {other} needs its storage attached"
+                )))
             }
             None => None,
         };
@@ -557,8 +579,8 @@ impl VmTable {
             "vm {name}: {} ({} MiB, TLB tag {tag}{})",
             if incoming { "incoming" } else { "created" },
             vm.spec.mem_mib,
-            match disk {
-                Some(d) => format!(", {d}"),
+            match vm.devices.disk.as_ref() {
+                Some(d) => format!(", {}", d.spec),
                 None => String::new(),
             }
         );
