@@ -37,6 +37,7 @@
 //! Every wait is bounded: READY by [`ClusterOptions::boot_timeout`], console waits by the
 //! timeout given or [`Console::set_default_timeout`].
 
+pub mod guest_disk;
 pub mod hub;
 pub mod linux_guest;
 
