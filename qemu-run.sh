@@ -48,8 +48,9 @@
 # 127.0.0.1 port (the nodes reach it as 10.0.2.2:PORT on their storage network) with target
 # iqn.2026-11.test.hv:cluster and LUN 1, a sparse file DIR/lun1.img of --lun-mib MiB. Every node's
 # configuration gets `iscsi_portal = 10.0.2.2:PORT`; DIR/storage.portal holds the host-side
-# address (127.0.0.1:PORT) and DIR/storage.iqn the target name, for host tools and tests. tgtd
-# ignores SIGTERM: it is taken offline and deleted through tgtadm when the run ends.
+# address (127.0.0.1:PORT), DIR/storage.iqn the target name and DIR/storage.control tgtd's
+# control socket number (tgtadm -C N), for host tools and tests. tgtd ignores SIGTERM: it is
+# taken offline and deleted through tgtadm when the run ends.
 #
 # Every QEMU node has a QMP socket, DIR/nodeK.qmp (tests use it to cut a node's link with
 # set_link), and each emulator's pid is in DIR/nodeK.pid (tests kill a node with it).
@@ -318,7 +319,7 @@ cleanup() {
     rm -f "$RUN_DIR"/*.img "$RUN_DIR"/*.img.lock "$RUN_DIR"/*.sock "$RUN_DIR"/*.serial \
         "$RUN_DIR"/*.relay-ready "$RUN_DIR/switch.in" "$RUN_DIR/hub.ready"
     rm -rf "$RUN_DIR/switch"
-    rm -f "$RUN_DIR/storage.portal" "$RUN_DIR/storage.iqn"
+    rm -f "$RUN_DIR/storage.portal" "$RUN_DIR/storage.iqn" "$RUN_DIR/storage.control"
     if [[ -z "$HEADLESS" ]]; then
         echo "qemu-run: stopped; logs are in $RUN_DIR" >&2
     fi
@@ -392,7 +393,10 @@ start_storage() {
         [[ -e "/var/run/tgtd/socket.$TGTD_CONTROL" ]] && continue
         spawn "tgtd" KILL "$RUN_DIR/tgtd.out" tgtd -f --iscsi "portal=127.0.0.1:$port" -C "$TGTD_CONTROL"
         TGTD_PID=$SPAWNED_PID
-        if wait_for "tgtd" "$TGTD_PID" 10 eval 'tgtadm_ok --op show --mode sys && ss -Hltn "sport = :$port" | grep -q .'; then
+        # A port taken meanwhile does not stop tgtd: it then listens on its default portals
+        # (0.0.0.0:3260), which must not happen here. It must list exactly our portal.
+        if wait_for "tgtd" "$TGTD_PID" 10 eval 'tgtadm_ok --op show --mode sys && ss -Hltn "sport = :$port" | grep -q .' &&
+            [[ "$(timeout -k 1 5 tgtadm -C "$TGTD_CONTROL" --lld iscsi --op show --mode portal 2>/dev/null | awk '/^Portal:/ {print $2}')" == "127.0.0.1:$port,1" ]]; then
             break
         fi
         # Lost a race for the port (or tgtd failed): try another one.
@@ -408,6 +412,7 @@ start_storage() {
     STORAGE_PORT="$port"
     echo "127.0.0.1:$port" >"$RUN_DIR/storage.portal"
     echo "$STORAGE_IQN" >"$RUN_DIR/storage.iqn"
+    echo "$TGTD_CONTROL" >"$RUN_DIR/storage.control"
 }
 STORAGE_PORT=""
 ((STORAGE)) && start_storage

@@ -206,3 +206,94 @@ fn shared_disk_follows_the_vm_and_keeps_every_acknowledged_write() {
     }
     cluster.stop().unwrap();
 }
+
+/// tgtadm on the cluster's tgtd (its control socket number is in the run directory).
+fn tgtadm(cluster: &Cluster, args: &[&str]) -> String {
+    let control = std::fs::read_to_string(cluster.dir().join("storage.control")).unwrap();
+    let out = std::process::Command::new("tgtadm")
+        .args(["-C", control.trim()])
+        .args(args)
+        .output()
+        .expect("tgtadm runs");
+    assert!(out.status.success(), "tgtadm {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Drops every connection to target 1, as a target restart or a network hiccup would; returns
+/// how many there were.
+fn drop_connections(cluster: &Cluster) -> usize {
+    let listing = tgtadm(
+        cluster,
+        &[
+            "--lld", "iscsi", "--op", "show", "--mode", "conn", "--tid", "1",
+        ],
+    );
+    // `Session: S` then `Connection: C` lines.
+    let mut dropped = 0;
+    let mut session = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(s) = line.strip_prefix("Session: ") {
+            session = Some(s.to_string());
+        } else if let (Some(c), Some(s)) = (line.strip_prefix("Connection: "), session.as_ref()) {
+            tgtadm(
+                cluster,
+                &[
+                    "--lld", "iscsi", "--op", "delete", "--mode", "conn", "--tid", "1", "--sid", s,
+                    "--cid", c,
+                ],
+            );
+            dropped += 1;
+        }
+    }
+    dropped
+}
+
+/// The console's storage errors, and a VM whose iSCSI connection the target drops while it
+/// writes: the node logs in again, registers again (tgt ties a registration to its session)
+/// and the guest's writes go on with nothing lost.
+#[test]
+#[ignore = "boots two QEMU nodes and a tgtd; run by ./run-tests.sh"]
+fn storage_errors_are_clear_and_a_dropped_connection_loses_nothing() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let (portal, path) = shared_lun(&cluster);
+    let iqn = path.rsplit_once('/').unwrap().0.to_string();
+    let c1 = cluster.console(1);
+    let found = ok(c1, "iscsi discover", "1 target(s)");
+    assert!(found.contains(&iqn), "{found}");
+    refused(c1, "iscsi discover 10.0.2.2:1", "no connection");
+    refused(c1, "iscsi discover 10.0.2.2:port", "port");
+    refused(
+        c1,
+        &format!("vm create g3 mem=16 disk={iqn}/7"),
+        "logical unit not supported",
+    );
+    refused(
+        c1,
+        "vm create g3 mem=16 disk=iqn.2026-11.test.hv:nothere/1",
+        "TargetNotFound",
+    );
+    refused(c1, "vm create g3 mem=16 disk=cluster/1", "iSCSI name");
+    refused(c1, &format!("vm create g3 mem=16 disk={iqn}/99999"), "LUN");
+
+    boot_vm(c1, "g1", &format!("mem=16 disk={path}"));
+    let writes = wait_disk_writes(c1, "g1", 100);
+    for _ in 0..2 {
+        assert!(drop_connections(&cluster) >= 1, "no connection to drop");
+        let c1 = cluster.console(1);
+        c1.expect("registration restored after a reconnect", MIGRATION)
+            .unwrap();
+    }
+    let c1 = cluster.console(1);
+    wait_disk_writes(c1, "g1", writes + 200);
+    let heartbeat = guest_line(c1, "g1", "heartbeat ");
+    assert!(
+        !heartbeat.contains("errors="),
+        "guest I/O failed: {heartbeat}"
+    );
+    ok(c1, "vm disk g1 hold", "disk hold requested");
+    guest_line(c1, "g1", "disk hold ");
+    let (blocks, _, hash) = disk_verify(c1, "g1");
+    let host = host_digest(portal, &path);
+    assert_eq!((host.blocks, host.hash), (blocks, hash));
+    cluster.stop().unwrap();
+}
