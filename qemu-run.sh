@@ -48,8 +48,8 @@
 # 127.0.0.1 port (the nodes reach it as 10.0.2.2:PORT on their storage network) with target
 # iqn.2026-11.test.hv:cluster and LUN 1, a sparse file DIR/lun1.img of --lun-mib MiB. Every node's
 # configuration gets `iscsi_portal = 10.0.2.2:PORT`; DIR/storage.portal holds the host-side
-# address (127.0.0.1:PORT), DIR/storage.iqn the target name and DIR/storage.control tgtd's
-# control socket number (tgtadm -C N), for host tools and tests. tgtd ignores SIGTERM: it is
+# address (127.0.0.1:PORT), DIR/storage.iqn the target name, DIR/storage.control tgtd's
+# control socket number (tgtadm -C N) and DIR/tgtd.pid its pid, for host tools and tests. tgtd ignores SIGTERM: it is
 # taken offline and deleted through tgtadm when the run ends.
 #
 # Every QEMU node has a QMP socket, DIR/nodeK.qmp (tests use it to cut a node's link with
@@ -319,7 +319,8 @@ cleanup() {
     rm -f "$RUN_DIR"/*.img "$RUN_DIR"/*.img.lock "$RUN_DIR"/*.sock "$RUN_DIR"/*.serial \
         "$RUN_DIR"/*.relay-ready "$RUN_DIR/switch.in" "$RUN_DIR/hub.ready"
     rm -rf "$RUN_DIR/switch"
-    rm -f "$RUN_DIR/storage.portal" "$RUN_DIR/storage.iqn" "$RUN_DIR/storage.control"
+    rm -f "$RUN_DIR/storage.portal" "$RUN_DIR/storage.iqn" "$RUN_DIR/storage.control" \
+        "$RUN_DIR/tgtd.pid"
     if [[ -z "$HEADLESS" ]]; then
         echo "qemu-run: stopped; logs are in $RUN_DIR" >&2
     fi
@@ -413,6 +414,7 @@ start_storage() {
     echo "127.0.0.1:$port" >"$RUN_DIR/storage.portal"
     echo "$STORAGE_IQN" >"$RUN_DIR/storage.iqn"
     echo "$TGTD_CONTROL" >"$RUN_DIR/storage.control"
+    echo "$TGTD_PID" >"$RUN_DIR/tgtd.pid"
 }
 STORAGE_PORT=""
 ((STORAGE)) && start_storage

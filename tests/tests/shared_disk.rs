@@ -249,8 +249,9 @@ fn drop_connections(cluster: &Cluster) -> usize {
 }
 
 /// The console's storage errors, and a VM whose iSCSI connection the target drops while it
-/// writes: the node logs in again, registers again (tgt ties a registration to its session)
-/// and the guest's writes go on with nothing lost.
+/// writes, then whose target hangs for seconds: the node logs in again, registers again (tgt
+/// ties a registration to its session), tells the console when the target stays away and when
+/// it is back, and the guest's writes go on with nothing lost.
 #[test]
 #[ignore = "boots two QEMU nodes and a tgtd; run by ./run-tests.sh"]
 fn storage_errors_are_clear_and_a_dropped_connection_loses_nothing() {
@@ -283,7 +284,25 @@ fn storage_errors_are_clear_and_a_dropped_connection_loses_nothing() {
         c1.expect("registration restored after a reconnect", MIGRATION)
             .unwrap();
     }
+    // The target hangs (its process stopped) for a while: the node says so, waits, and goes
+    // on when it answers again; the guest's requests wait rather than fail.
+    let pid = std::fs::read_to_string(cluster.dir().join("tgtd.pid")).unwrap();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let hung = cluster
+        .console(1)
+        .expect("has not answered for", MIGRATION)
+        .map_err(|e| format!("{e:?}"));
+    signal("-CONT");
+    hung.unwrap();
     let c1 = cluster.console(1);
+    c1.expect("the target answers again", MIGRATION).unwrap();
     wait_disk_writes(c1, "g1", writes + 200);
     let heartbeat = guest_line(c1, "g1", "heartbeat ");
     assert!(

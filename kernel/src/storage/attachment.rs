@@ -109,7 +109,14 @@ pub struct Attachment {
     pub sectors: Option<u64>,
     /// Set once the node gave the disk up: the session logs out and the attachment goes.
     pub closing: bool,
+    /// Since when the session has had no working connection, and whether the console was
+    /// told (a target that stays away is worth a line, a reconnect is routine).
+    lost_since: Option<u64>,
+    lost_reported: bool,
 }
+
+/// How long a lost connection may last before the console hears of it.
+const LOST_REPORT_MS: u64 = 5_000;
 
 /// A pipe that is always closed: what the session gets while it has no TCP connection.
 pub struct NoConnection;
@@ -155,6 +162,8 @@ impl Attachment {
             finished: Vec::new(),
             sectors: None,
             closing: false,
+            lost_since: None,
+            lost_reported: false,
         }
     }
 
@@ -213,9 +222,20 @@ impl Attachment {
                     if reconnected {
                         log::info!("storage: {}: logged in again", self.path);
                     }
+                    if let (Some(since), true) = (self.lost_since, self.lost_reported) {
+                        lines.push(format!(
+                            "disk {} of {}: the target answers again (after {} s)",
+                            self.path,
+                            self.user,
+                            now_ms.saturating_sub(since) / 1000
+                        ));
+                    }
+                    self.lost_since = None;
+                    self.lost_reported = false;
                 }
                 DiskEvent::Session(SessionEvent::ConnectionLost(e)) => {
                     log::warn!("storage: {}: connection lost: {e}", self.path);
+                    self.lost_since.get_or_insert(now_ms);
                 }
                 // 29/xx (power on or reset: every new session's first command gets one) is
                 // routine; the others (2A/xx: reservations changed) are worth a line.
@@ -252,6 +272,24 @@ impl Attachment {
             }
         };
         self.channel.lock().completed.push_back((request, data));
+    }
+
+    /// A line for the console once the target has stayed away for a while.
+    pub fn check_reachable(&mut self, now_ms: u64) -> Option<String> {
+        let since = self.lost_since?;
+        if self.lost_reported || now_ms < since + LOST_REPORT_MS || self.closing {
+            return None;
+        }
+        self.lost_reported = true;
+        Some(format!(
+            "disk {} of {}: the target at {} has not answered for {} s; the guest's disk \
+             requests wait (each fails after {} s)",
+            self.path,
+            self.user,
+            self.portal,
+            now_ms.saturating_sub(since) / 1000,
+            self.disk.session().config().retry.command_deadline_ms / 1000
+        ))
     }
 
     /// Moves the guest's queued requests into iSCSI commands (unless held).

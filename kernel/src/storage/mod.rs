@@ -161,7 +161,11 @@ impl Storage {
             let old = self.attachments.remove(i);
             drop(old);
         }
-        let config = self.session_config(Some(&path.target));
+        let mut config = self.session_config(Some(&path.target));
+        // A VM's disk notices a dead path within seconds (open-iscsi pings every 5 s and waits
+        // 5 s): idle sessions ping every 2 s and give up after 3 s without an answer.
+        config.timeouts.nop_interval_ms = 2_000;
+        config.timeouts.nop_timeout_ms = 3_000;
         let disk = Disk::new(Session::new(config), path.lun)
             .map_err(|_| StorageError::NotAttached(path.to_string()))?;
         let channel = Arc::new(Mutex::new(Channel::default()));
@@ -376,6 +380,7 @@ impl Storage {
                 )
             });
             lines.extend(a.absorb(events, now));
+            lines.extend(a.check_reachable(now));
             if lost {
                 if let Some(old) = a.socket.take() {
                     stack.tcp_release(old);
