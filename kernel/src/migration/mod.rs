@@ -761,10 +761,16 @@ fn poll_outgoing(
     source_actions(out, vms, storage, actions, lines);
     let actions = out.driver.flush(now_us(), &mut pipe);
     source_actions(out, vms, storage, actions, lines);
+    // Every state from the pause to the acknowledgement is downtime: no halting until the next
+    // tick there (up to 1 ms per exchange).
     out.driver.link().queued() > 0
         || matches!(
             out.driver.source().state(),
-            SourceState::PreCopy | SourceState::Quiescing | SourceState::FinalCopy
+            SourceState::PreCopy
+                | SourceState::Pausing
+                | SourceState::Quiescing
+                | SourceState::FinalCopy
+                | SourceState::AwaitCommitAck
         )
 }
 
@@ -1028,7 +1034,14 @@ fn poll_incoming(
     destination_actions(inc, vms, storage, actions, lines, announce);
     let actions = inc.driver.flush(now_us(), &mut pipe);
     destination_actions(inc, vms, storage, actions, lines, announce);
-    inc.driver.link().queued() > 0 || inc.takeover.is_some()
+    // From the switchover to the resume the VM is paused: answer each message at once rather
+    // than at the next tick.
+    inc.driver.link().queued() > 0
+        || inc.takeover.is_some()
+        || matches!(
+            inc.driver.destination().state(),
+            DestinationState::Final | DestinationState::TakingDisk
+        )
 }
 
 /// Carries out what the destination asked for.
