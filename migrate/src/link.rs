@@ -6,11 +6,11 @@
 //! never decides anything about the protocol; errors are returned for the driver above to turn
 //! into aborts.
 
-use alloc::vec::Vec;
 use core::fmt;
 
 use crate::frame::{FrameDecoder, FrameError};
 use crate::message::{Message, MessageError};
+use transport::OutQueue;
 
 /// Most bytes [`FrameLink::receive`] pulls from the pipe in one call. A peer sending faster than
 /// we decode must not make one call run (and buffer) without limit: the caller's loop also runs
@@ -20,10 +20,6 @@ pub const RECEIVE_BUDGET: usize = 256 * 1024;
 /// Size of each read from the pipe (into the decoder's buffer, on the heap: kernel stacks are
 /// small).
 const RECEIVE_CHUNK: usize = 16 * 1024;
-
-/// An outbound buffer emptied after a burst keeps at most this much capacity, so one large final
-/// batch does not pin megabytes for the rest of the connection.
-const KEEP_CAPACITY: usize = 1024 * 1024;
 
 pub use transport::{Pipe, PipeError};
 
@@ -65,12 +61,8 @@ impl core::error::Error for LinkError {}
 /// message: the protocol has no way to skip one, so every later call returns the same error.
 #[derive(Debug)]
 pub struct FrameLink {
-    /// Encoded frames; bytes before `out_start` were accepted by the pipe already. Sending
-    /// advances the offset instead of shifting the buffer, so a pipe taking a few bytes at a time
-    /// costs linear, not quadratic, time.
-    out: Vec<u8>,
-    out_start: usize,
-    bytes_sent: u64,
+    /// Encoded frames the pipe has not taken yet (frames are encoded straight into it).
+    out: OutQueue,
     decoder: FrameDecoder,
     bytes_received: u64,
     failure: Option<LinkError>,
@@ -86,9 +78,7 @@ impl FrameLink {
     /// A link with nothing queued or received.
     pub fn new() -> Self {
         Self {
-            out: Vec::new(),
-            out_start: 0,
-            bytes_sent: 0,
+            out: OutQueue::new(),
             decoder: FrameDecoder::new(),
             bytes_received: 0,
             failure: None,
@@ -98,23 +88,17 @@ impl FrameLink {
     /// Encodes `message` as one whole frame at the end of the outbound queue. On error nothing is
     /// queued, so the stream never holds half a frame.
     pub fn queue(&mut self, message: &Message) -> Result<(), MessageError> {
-        // Compacting only once the sent prefix is at least half the buffer keeps the cost of
-        // moving the unsent tail amortised over the bytes that were sent.
-        if self.out_start > 0 && self.out_start * 2 >= self.out.len() {
-            self.out.drain(..self.out_start);
-            self.out_start = 0;
-        }
-        message.encode(&mut self.out)
+        self.out.push_with(|out| message.encode(out))
     }
 
     /// Bytes queued but not yet accepted by the pipe.
     pub fn queued(&self) -> usize {
-        self.out.len() - self.out_start
+        self.out.len()
     }
 
     /// Total bytes the pipe accepted.
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
+        self.out.bytes_sent()
     }
 
     /// Total bytes read from the pipe.
@@ -129,24 +113,7 @@ impl FrameLink {
 
     /// Sends as much of the queue as the pipe takes now.
     pub fn flush(&mut self, pipe: &mut impl Pipe) -> Result<(), PipeError> {
-        while self.out_start < self.out.len() {
-            let pending = &self.out[self.out_start..];
-            // A pipe claiming more than it was given must not move the offset past the data.
-            let taken = pipe.send(pending)?.min(pending.len());
-            if taken == 0 {
-                break;
-            }
-            self.out_start += taken;
-            self.bytes_sent += taken as u64;
-        }
-        if self.out_start == self.out.len() {
-            self.out.clear();
-            self.out_start = 0;
-            if self.out.capacity() > KEEP_CAPACITY {
-                self.out.shrink_to(KEEP_CAPACITY);
-            }
-        }
-        Ok(())
+        self.out.flush(pipe).map(|_| ())
     }
 
     /// Pulls what is waiting in the pipe, at most [`RECEIVE_BUDGET`] bytes, into the decoder.
@@ -196,6 +163,7 @@ mod tests {
     use alloc::collections::VecDeque;
     use alloc::string::ToString;
     use alloc::vec;
+    use alloc::vec::Vec;
 
     /// A pipe over memory that accepts at most `send_limit` bytes per `send` call and returns at
     /// most `recv_limit` bytes per `recv` call.

@@ -4,21 +4,25 @@
 //! peer through a [`Pipe`]: a non-blocking byte pipe that takes or gives what it can right now.
 //! The kernel implements it over a smoltcp TCP socket; host tests over memory or, with the `std`
 //! feature, over a `std::net::TcpStream` ([`TcpPipe`]). Nothing above a pipe may block: the
-//! kernel's one loop also runs the VMs.
+//! kernel's one loop also runs the VMs. What a pipe cannot take yet waits in an [`OutQueue`].
 //!
-//! Dependency rule: plain `no_std` (std only behind the `std` feature, for host use). It never
-//! depends on hardware, the kernel, or any other crate of the workspace.
+//! Dependency rule: plain `no_std + alloc` (std only behind the `std` feature, for host use). It
+//! never depends on hardware, the kernel, or any other crate of the workspace.
 
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
 use core::fmt;
 
+mod queue;
 #[cfg(feature = "std")]
 mod tcp;
+
+pub use queue::OutQueue;
 #[cfg(feature = "std")]
 pub use tcp::TcpPipe;
 

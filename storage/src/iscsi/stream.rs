@@ -31,6 +31,24 @@ impl Digests {
         header: false,
         data: false,
     };
+
+    /// Every choice of digests, for tests that try them all.
+    #[cfg(test)]
+    pub(crate) const ALL: [Digests; 4] = [
+        Digests::NONE,
+        Digests {
+            header: true,
+            data: false,
+        },
+        Digests {
+            header: false,
+            data: true,
+        },
+        Digests {
+            header: true,
+            data: true,
+        },
+    ];
 }
 
 /// Why the inbound stream cannot be read any further.
@@ -299,25 +317,9 @@ mod tests {
         (header.to_bhs(len as u32), data)
     }
 
-    const ALL_DIGESTS: [Digests; 4] = [
-        Digests::NONE,
-        Digests {
-            header: true,
-            data: false,
-        },
-        Digests {
-            header: false,
-            data: true,
-        },
-        Digests {
-            header: true,
-            data: true,
-        },
-    ];
-
     #[test]
     fn round_trip_byte_by_byte_with_every_digest_choice() {
-        for digests in ALL_DIGESTS {
+        for digests in Digests::ALL {
             for len in [0usize, 1, 2, 3, 4, 5, 511, 8192] {
                 let (bhs, data) = data_in(len);
                 let mut wire = Vec::new();

@@ -5,9 +5,7 @@
 //! reports a pipe that takes nothing for too long as stalled: a peer that stops reading leaves a
 //! zero TCP window that no retransmission timer ends.
 
-use alloc::vec::Vec;
-
-use transport::{Pipe, PipeError};
+use transport::{OutQueue, Pipe, PipeError};
 
 use super::pdus::Pdu;
 use super::stream::{encode_pdu, Digests, PduDecoder, StreamError};
@@ -16,18 +14,14 @@ use crate::pdu::{Bhs, PduError};
 /// Most bytes one [`Wire::receive`] call reads: 512 KiB, a few milliseconds of data.
 pub const RECEIVE_BUDGET: usize = 512 * 1024;
 
-/// An outbound buffer emptied after a burst keeps at most this much capacity.
-const KEEP_CAPACITY: usize = 1024 * 1024;
-
 /// The bytes of one connection.
 #[derive(Debug)]
 pub struct Wire {
-    out: Vec<u8>,
-    out_start: usize,
+    /// Encoded PDUs the pipe has not taken yet (PDUs are encoded straight into it).
+    out: OutQueue,
     out_digests: Digests,
     decoder: PduDecoder,
     stalled_since: Option<u64>,
-    bytes_sent: u64,
     bytes_received: u64,
 }
 
@@ -36,12 +30,10 @@ impl Wire {
     /// digests (login never uses them).
     pub fn new(max_data_segment_length: u32) -> Self {
         Self {
-            out: Vec::new(),
-            out_start: 0,
+            out: OutQueue::new(),
             out_digests: Digests::NONE,
             decoder: PduDecoder::new(max_data_segment_length),
             stalled_since: None,
-            bytes_sent: 0,
             bytes_received: 0,
         }
     }
@@ -56,11 +48,8 @@ impl Wire {
 
     /// Appends a PDU to the outbound queue; nothing is queued on error.
     pub fn queue(&mut self, bhs: &Bhs, data: &[u8]) -> Result<(), PduError> {
-        if self.out_start > 0 && self.out_start * 2 >= self.out.len() {
-            self.out.drain(..self.out_start);
-            self.out_start = 0;
-        }
-        encode_pdu(bhs, &[], data, self.out_digests, &mut self.out)
+        self.out
+            .push_with(|out| encode_pdu(bhs, &[], data, self.out_digests, out))
     }
 
     /// Appends a whole [`Pdu`].
@@ -70,11 +59,11 @@ impl Wire {
 
     /// Bytes queued and not yet taken by the pipe.
     pub fn queued(&self) -> usize {
-        self.out.len() - self.out_start
+        self.out.len()
     }
 
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
+        self.out.bytes_sent()
     }
 
     pub fn bytes_received(&self) -> u64 {
@@ -109,24 +98,8 @@ impl Wire {
         now_ms: u64,
         stall_ms: u64,
     ) -> Result<bool, PipeError> {
-        let before = self.bytes_sent;
-        while self.out_start < self.out.len() {
-            let pending = &self.out[self.out_start..];
-            let taken = pipe.send(pending)?.min(pending.len());
-            if taken == 0 {
-                break;
-            }
-            self.out_start += taken;
-            self.bytes_sent += taken as u64;
-        }
-        if self.out_start == self.out.len() {
-            self.out.clear();
-            self.out_start = 0;
-            if self.out.capacity() > KEEP_CAPACITY {
-                self.out.shrink_to(KEEP_CAPACITY);
-            }
-        }
-        if self.queued() == 0 || self.bytes_sent != before {
+        let sent = self.out.flush(pipe)?;
+        if self.out.is_empty() || sent > 0 {
             self.stalled_since = None;
             return Ok(false);
         }

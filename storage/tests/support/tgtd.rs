@@ -401,31 +401,7 @@ impl Tgtd {
         user: &str,
         password: &str,
     ) -> Result<(), HarnessError> {
-        self.control.run(&[
-            "--lld",
-            "iscsi",
-            "--op",
-            "new",
-            "--mode",
-            "account",
-            "--user",
-            user,
-            "--password",
-            password,
-        ])?;
-        self.control.run(&[
-            "--lld",
-            "iscsi",
-            "--op",
-            "bind",
-            "--mode",
-            "account",
-            "--tid",
-            &tid.to_string(),
-            "--user",
-            user,
-        ])?;
-        Ok(())
+        self.add_account(tid, user, password, false)
     }
 
     /// Adds an outgoing account (the target proves itself to the initiator: mutual CHAP) and
@@ -435,6 +411,18 @@ impl Tgtd {
         tid: u32,
         user: &str,
         password: &str,
+    ) -> Result<(), HarnessError> {
+        self.add_account(tid, user, password, true)
+    }
+
+    /// Creates the account `user`/`password` and binds it to target `tid`, as the target's
+    /// outgoing account when `outgoing` is set.
+    fn add_account(
+        &self,
+        tid: u32,
+        user: &str,
+        password: &str,
+        outgoing: bool,
     ) -> Result<(), HarnessError> {
         self.control.run(&[
             "--lld",
@@ -448,19 +436,14 @@ impl Tgtd {
             "--password",
             password,
         ])?;
-        self.control.run(&[
-            "--lld",
-            "iscsi",
-            "--op",
-            "bind",
-            "--mode",
-            "account",
-            "--tid",
-            &tid.to_string(),
-            "--user",
-            user,
-            "--outgoing",
-        ])?;
+        let tid = tid.to_string();
+        let mut bind = vec![
+            "--lld", "iscsi", "--op", "bind", "--mode", "account", "--tid", &tid, "--user", user,
+        ];
+        if outgoing {
+            bind.push("--outgoing");
+        }
+        self.control.run(&bind)?;
         Ok(())
     }
 

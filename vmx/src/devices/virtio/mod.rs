@@ -15,6 +15,8 @@
 pub mod blk;
 pub mod queue;
 #[cfg(test)]
+mod test_ram;
+#[cfg(test)]
 mod tests;
 
 /// PCI vendor id of every virtio device.

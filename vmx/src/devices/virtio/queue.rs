@@ -370,35 +370,9 @@ impl SplitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_ram::Ram;
     use alloc::format;
     use alloc::vec;
-
-    /// RAM from 0 to `len`; nothing above.
-    struct Ram(Vec<u8>);
-
-    impl GuestMemory for Ram {
-        fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-            let Some(end) = gpa.checked_add(buf.len() as u64) else {
-                return false;
-            };
-            if end > self.0.len() as u64 {
-                return false;
-            }
-            buf.copy_from_slice(&self.0[gpa as usize..end as usize]);
-            true
-        }
-
-        fn write(&mut self, gpa: u64, bytes: &[u8]) -> bool {
-            let Some(end) = gpa.checked_add(bytes.len() as u64) else {
-                return false;
-            };
-            if end > self.0.len() as u64 {
-                return false;
-            }
-            self.0[gpa as usize..end as usize].copy_from_slice(bytes);
-            true
-        }
-    }
 
     impl Ram {
         fn desc(&mut self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {

@@ -1,6 +1,7 @@
-//! Host tests of virtio-blk: a fake guest memory, a fake driver that sets the device up and
-//! fills its rings the way a real legacy driver does, and a fake backend that holds the disk
-//! in a `Vec` and completes when the test says so (so completions are really asynchronous).
+//! Host tests of virtio-blk: a fake guest memory (the shared `test_ram::Ram`, with helpers), a
+//! fake driver that sets the device up and fills its rings the way a real legacy driver does,
+//! and a fake backend that holds the disk in a `Vec` and completes when the test says so (so
+//! completions are really asynchronous).
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -9,36 +10,10 @@ use alloc::vec::Vec;
 
 use super::blk::*;
 use super::queue::{SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use super::test_ram::Ram;
 use super::*;
 use crate::devices::pci::{PciFunction, COMMAND_INTX_DISABLE, COMMAND_IO};
 use crate::guest_mem::GuestMemory;
-
-/// Guest RAM from 0 to its length; nothing above.
-struct Ram(Vec<u8>);
-
-impl GuestMemory for Ram {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        let Some(end) = gpa.checked_add(buf.len() as u64) else {
-            return false;
-        };
-        if end > self.0.len() as u64 {
-            return false;
-        }
-        buf.copy_from_slice(&self.0[gpa as usize..end as usize]);
-        true
-    }
-
-    fn write(&mut self, gpa: u64, bytes: &[u8]) -> bool {
-        let Some(end) = gpa.checked_add(bytes.len() as u64) else {
-            return false;
-        };
-        if end > self.0.len() as u64 {
-            return false;
-        }
-        self.0[gpa as usize..end as usize].copy_from_slice(bytes);
-        true
-    }
-}
 
 impl Ram {
     fn new() -> Ram {
