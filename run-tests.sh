@@ -9,11 +9,12 @@
 #   5. kernel + disk images (qemu-run.sh --build-only)
 #   6. end-to-end tests: real nodes under QEMU (SVM) and Bochs (VMX): every test binary of the
 #      tests crate (tests/tests/*.rs: e2e.rs, vms.rs, ...), then the benchmark figures they
-#      wrote to target/bench/. Three benchmarks run alone after the others, so no other emulator
+#      wrote to target/bench/. Four benchmarks run alone after the others, so no other emulator
 #      competes for the cores: the Linux network baseline (tests/tests/baseline.rs; its report
 #      compares with the figures of net.rs), our live-migration benchmark (migration.rs
 #      migration_benchmark), then QEMU's own live migration (qemu_migration.rs) throttled to the
-#      stream throughput ours measured
+#      stream throughput ours measured, then the disk benchmark (disk_bench.rs: the guest's
+#      4 KiB disk throughput next to the host's through the iSCSI initiator, same tgtd)
 #
 # Usage: ./run-tests.sh [--no-e2e] [-- <extra arguments for the e2e test binaries, e.g. a filter>]
 # Every step runs even when an earlier one failed (except those that need its output); the exit
@@ -128,7 +129,7 @@ else
             timeout -k 30 2400 bash -c 'set -o pipefail
                 cargo test -p tests --test "*" --no-fail-fast -- --include-ignored \
                     --test-threads "$E2E_THREADS" --skip linux_baseline --skip migration_benchmark \
-                    --skip qemu_migration_baseline "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
+                    --skip qemu_migration_baseline --skip disk_benchmark "$@" 2>&1 | tee -a "$E2E_LOG"' e2e "${E2E_ARGS[@]}" || true
         # The Linux network baseline (tests/tests/baseline.rs) alone, after net.rs: its report puts
         # the figures net.rs just wrote to target/bench/net-bench.txt next to Linux's.
         step "Linux network baseline" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" \
@@ -145,6 +146,13 @@ else
             HV_MIGRATION_BANDWIDTH_MBPS="${MIGRATION_MBPS:-20}" timeout -k 30 600 bash -c 'set -o pipefail
                 cargo test -p tests --test qemu_migration -- --include-ignored "$@" 2>&1 | tee -a "$E2E_LOG"' \
             qemu-migration "${E2E_ARGS[@]}" || true
+        # The disk benchmark: the guest's 4 KiB throughput and the host initiator's against the
+        # same tgtd, in one run (target/bench/disk.txt). --release: the host's initiator must be
+        # optimized like the kernel's, or the reference measures the debug build.
+        step "disk benchmark" env HV_E2E_NO_BUILD=1 E2E_LOG="$TEST_LOG" \
+            timeout -k 30 900 bash -c 'set -o pipefail
+                cargo test --release -p tests --test disk_bench disk_benchmark -- --include-ignored "$@" 2>&1 | tee -a "$E2E_LOG"' \
+            disk-bench "${E2E_ARGS[@]}" || true
         # Figures printed by benchmark-style tests (e.g. vms.rs bench_verify_in_vm_vs_native).
         for f in "$TARGET_DIR"/bench/*.txt; do
             [[ -f "$f" ]] || continue

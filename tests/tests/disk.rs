@@ -188,7 +188,9 @@ fn qemu_guest_without_disk() {
         ("disk=ram:lots", "disk must be ram:<MiB>"),
         ("disk=ram", "disk must be ram:<MiB>"),
         ("disk=nvme:8", "disk must be ram:<MiB>"),
-        ("disk=iscsi:lun1", "not available yet"),
+        ("disk=iscsi:lun1", "<target iqn>/<lun>"),
+        // A single node has no storage network, so no portal.
+        ("disk=iqn.2026-11.test.hv:cluster/1", "no shared storage"),
     ] {
         refused(console, &format!("vm create bad mem=16 {option}"), what);
     }

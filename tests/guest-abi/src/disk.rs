@@ -25,8 +25,27 @@
 //! and adds their digests. The two agree when no write is in flight and the disk held nothing
 //! from an earlier boot that this boot did not overwrite (a fresh disk, or the window written
 //! once through) — the guest's `disk hold` command stops new writes and drains the others.
+//!
+//! # Disk layout: workload, guest benchmark, host benchmark
+//!
+//! A disk of at least [`BENCH_MIN_DISK_BLOCKS`] blocks (16 MiB) is cut in three, so the
+//! benchmark (`tests/tests/disk_bench.rs`) never touches a block the workload must find intact:
+//!
+//! | blocks (4 KiB) | who writes there |
+//! |---|---|
+//! | `0..`[`window_blocks`] | the self-verifying workload: the first half of the disk, at most [`MAX_WINDOW_BLOCKS`] |
+//! | [`bench_region`] | the guest's `disk bench` command ([`crate::command::DISK_BENCH`]): from the middle, a quarter of the disk, at most [`MAX_BENCH_BLOCKS`] |
+//! | [`host_bench_region`] | the host's reference run of the same benchmark through the iSCSI initiator: the last quarter, at most [`MAX_BENCH_BLOCKS`] |
+//!
+//! A smaller disk (e.g. an 8 MiB RAM disk) is the workload's alone, as it always was: no
+//! benchmark runs on it. For the cluster's 64 MiB LUN: workload 0-32 MiB, guest benchmark
+//! 32-48 MiB, host benchmark 48-64 MiB.
+//!
+//! The benchmarks write [`fill_bench_block`] blocks: their magic is [`BENCH_MAGIC`], not
+//! [`BLOCK_MAGIC`], so they never count in a digest of the raw disk.
 
 use core::fmt;
+use core::ops::Range;
 
 /// Bytes of one block.
 pub const BLOCK_BYTES: usize = 4096;
@@ -39,10 +58,44 @@ pub const BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"HVDISKB1");
 /// Most blocks the guest writes (64 MiB of disk): its generation table is a fixed array.
 pub const MAX_WINDOW_BLOCKS: u64 = 16384;
 
-/// Blocks the guest's workload covers on a disk of `capacity_sectors`: the whole disk, up to
-/// [`MAX_WINDOW_BLOCKS`].
+/// The smallest disk with room for the benchmarks (16 MiB): smaller disks are the workload's
+/// alone.
+pub const BENCH_MIN_DISK_BLOCKS: u64 = 4096;
+/// Most blocks of one benchmark region (16 MiB): the guest's generation table of its region
+/// is a fixed array.
+pub const MAX_BENCH_BLOCKS: u64 = 4096;
+
+/// Blocks the guest's workload covers on a disk of `capacity_sectors` (from block 0): the whole
+/// disk below [`BENCH_MIN_DISK_BLOCKS`], else its first half; at most [`MAX_WINDOW_BLOCKS`].
 pub fn window_blocks(capacity_sectors: u64) -> u64 {
-    (capacity_sectors / SECTORS_PER_BLOCK).min(MAX_WINDOW_BLOCKS)
+    let blocks = capacity_sectors / SECTORS_PER_BLOCK;
+    if blocks < BENCH_MIN_DISK_BLOCKS {
+        blocks.min(MAX_WINDOW_BLOCKS)
+    } else {
+        (blocks / 2).min(MAX_WINDOW_BLOCKS)
+    }
+}
+
+/// The blocks the guest's disk benchmark may write on a disk of `capacity_sectors`: a quarter
+/// of the disk from its middle, at most [`MAX_BENCH_BLOCKS`]; `None` on a disk too small.
+pub fn bench_region(capacity_sectors: u64) -> Option<Range<u64>> {
+    let blocks = capacity_sectors / SECTORS_PER_BLOCK;
+    if blocks < BENCH_MIN_DISK_BLOCKS {
+        return None;
+    }
+    let start = blocks / 2;
+    Some(start..start + (blocks / 4).min(MAX_BENCH_BLOCKS))
+}
+
+/// The blocks the host's reference benchmark may write (the last quarter of the disk, at most
+/// [`MAX_BENCH_BLOCKS`]); `None` on a disk too small.
+pub fn host_bench_region(capacity_sectors: u64) -> Option<Range<u64>> {
+    let blocks = capacity_sectors / SECTORS_PER_BLOCK;
+    if blocks < BENCH_MIN_DISK_BLOCKS {
+        return None;
+    }
+    let start = blocks / 2 + blocks / 4;
+    Some(start..start + (blocks - start).min(MAX_BENCH_BLOCKS))
 }
 
 /// A 64-bit mixer (splitmix64's finalizer): every input bit affects every output bit.
@@ -137,6 +190,146 @@ pub fn check_block(
 pub fn parse_block(words: &[u64; BLOCK_WORDS], lba: u64) -> Option<u64> {
     let generation = words[2];
     (generation != 0 && check_block(words, lba, generation).is_ok()).then_some(generation)
+}
+
+/// Word 0 of every benchmark block: "HVBENCH1" little-endian.
+pub const BENCH_MAGIC: u64 = u64::from_le_bytes(*b"HVBENCH1");
+
+/// Body word `word` (3..512) of the benchmark block at `lba` written with `generation`: cheap
+/// (one multiply a word, so that filling and checking cost little next to the I/O being
+/// measured) yet different for every block, generation and word.
+pub fn bench_word(lba: u64, generation: u64, word: usize) -> u64 {
+    mix(lba ^ mix(generation)) ^ (word as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Fills `words` with the benchmark block at `lba` written with `generation`: [`BENCH_MAGIC`],
+/// the LBA, the generation, then [`bench_word`]s.
+pub fn fill_bench_block(words: &mut [u64; BLOCK_WORDS], lba: u64, generation: u64) {
+    words[0] = BENCH_MAGIC;
+    words[1] = lba;
+    words[2] = generation;
+    let seed = mix(lba ^ mix(generation));
+    for (i, w) in words.iter_mut().enumerate().skip(3) {
+        *w = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Checks a benchmark block read back against the LBA and generation it must hold.
+pub fn check_bench_block(
+    words: &[u64; BLOCK_WORDS],
+    lba: u64,
+    generation: u64,
+) -> Result<(), BlockMismatch> {
+    if words[0] != BENCH_MAGIC {
+        return Err(BlockMismatch::NotABlock { word0: words[0] });
+    }
+    if words[1] != lba {
+        return Err(BlockMismatch::WrongLba { found: words[1] });
+    }
+    if words[2] != generation {
+        return Err(BlockMismatch::WrongGeneration { found: words[2] });
+    }
+    let seed = mix(lba ^ mix(generation));
+    for (i, &w) in words.iter().enumerate().skip(3) {
+        if w != seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) {
+            return Err(BlockMismatch::Corrupt { word: i });
+        }
+    }
+    Ok(())
+}
+
+/// The access patterns of the disk benchmark, in the order it runs them at each queue depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchPattern {
+    /// 4 KiB writes, block after block from the region's start (wrapping at its end).
+    SeqWrite,
+    /// 4 KiB reads, block after block over the blocks written so far (wrapping).
+    SeqRead,
+    /// 4 KiB writes at random blocks among those written so far ([`bench_random`]).
+    RandWrite,
+    /// 4 KiB reads at random blocks among those written so far.
+    RandRead,
+}
+
+impl BenchPattern {
+    pub const ALL: [BenchPattern; 4] = [
+        BenchPattern::SeqWrite,
+        BenchPattern::SeqRead,
+        BenchPattern::RandWrite,
+        BenchPattern::RandRead,
+    ];
+
+    /// The name in the output lines: `seq-write`, `seq-read`, `rand-write`, `rand-read`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchPattern::SeqWrite => "seq-write",
+            BenchPattern::SeqRead => "seq-read",
+            BenchPattern::RandWrite => "rand-write",
+            BenchPattern::RandRead => "rand-read",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<BenchPattern> {
+        BenchPattern::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    pub fn writes(self) -> bool {
+        matches!(self, BenchPattern::SeqWrite | BenchPattern::RandWrite)
+    }
+
+    pub fn random(self) -> bool {
+        matches!(self, BenchPattern::RandWrite | BenchPattern::RandRead)
+    }
+}
+
+/// Queue depths the benchmark measures, in order: one request at a time, then eight in flight
+/// (the guest driver's slots).
+pub const BENCH_QUEUE_DEPTHS: [usize; 2] = [1, 8];
+
+/// How the guest waits for completions during a measurement (it has no interrupts: it polls
+/// the used ring either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchWait {
+    /// Spin on the used ring without leaving the guest: no exit while waiting, except a check
+    /// of the device status every 10 ms.
+    Spin,
+    /// HLT whenever nothing completed and nothing could be started: the vCPU yields until the
+    /// hypervisor's next time slice, as the workload does (and as an idle guest would).
+    Hlt,
+}
+
+impl BenchWait {
+    /// In the order the benchmark runs them.
+    pub const ALL: [BenchWait; 2] = [BenchWait::Spin, BenchWait::Hlt];
+
+    /// The name in the output lines: `spin`, `hlt`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchWait::Spin => "spin",
+            BenchWait::Hlt => "hlt",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<BenchWait> {
+        BenchWait::ALL.into_iter().find(|w| w.name() == name)
+    }
+}
+/// Each measurement (one pattern at one queue depth) starts requests for this long...
+pub const BENCH_MILLIS: u64 = 2000;
+/// ...or until it has started this many, whichever comes first; then it waits for those in
+/// flight, which count.
+pub const BENCH_MAX_OPS: u64 = 50_000;
+/// Seed of [`bench_random`] at the start of each random measurement.
+pub const BENCH_SEED: u64 = 0x2545_F491_4F6C_DD1D;
+
+/// The next value of the benchmark's xorshift64 generator (state must not be 0).
+pub fn bench_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
 }
 
 /// One block's share of the digest.
@@ -290,5 +483,92 @@ mod tests {
         assert_eq!(window_blocks(16384), 2048);
         assert_eq!(window_blocks(7), 0);
         assert_eq!(window_blocks(u64::MAX), MAX_WINDOW_BLOCKS);
+    }
+
+    const MIB: u64 = 2048; // sectors
+
+    #[test]
+    fn workload_and_benchmarks_never_share_a_block() {
+        // Small disks: the workload's alone, as before.
+        for mib in [1, 8, 15] {
+            assert_eq!(window_blocks(mib * MIB), mib * 256);
+            assert_eq!(bench_region(mib * MIB), None);
+            assert_eq!(host_bench_region(mib * MIB), None);
+        }
+        // The cluster's 64 MiB LUN: 0-32, 32-48, 48-64 MiB.
+        assert_eq!(window_blocks(64 * MIB), 8192);
+        assert_eq!(bench_region(64 * MIB), Some(8192..12288));
+        assert_eq!(host_bench_region(64 * MIB), Some(12288..16384));
+        for sectors in [
+            16 * MIB,
+            16 * MIB + 7,
+            17 * MIB + 8,
+            64 * MIB,
+            100 * MIB,
+            1 << 30,
+        ] {
+            let blocks = sectors / SECTORS_PER_BLOCK;
+            let w = window_blocks(sectors);
+            let g = bench_region(sectors).unwrap();
+            let h = host_bench_region(sectors).unwrap();
+            assert!(w > 0 && w <= g.start, "{sectors}: {w} {g:?}");
+            assert!(!g.is_empty() && g.end <= h.start, "{sectors}: {g:?} {h:?}");
+            assert!(!h.is_empty() && h.end <= blocks, "{sectors}: {h:?}");
+            assert!(g.end - g.start <= MAX_BENCH_BLOCKS && h.end - h.start <= MAX_BENCH_BLOCKS);
+        }
+    }
+
+    #[test]
+    fn bench_blocks_check_and_stay_out_of_digests() {
+        let mut w = [0u64; BLOCK_WORDS];
+        fill_bench_block(&mut w, 800, 5);
+        assert_eq!(check_bench_block(&w, 800, 5), Ok(()));
+        assert_eq!(w[7], bench_word(800, 5, 7));
+        assert_eq!(
+            check_bench_block(&w, 808, 5),
+            Err(BlockMismatch::WrongLba { found: 800 })
+        );
+        assert_eq!(
+            check_bench_block(&w, 800, 6),
+            Err(BlockMismatch::WrongGeneration { found: 5 })
+        );
+        let mut c = w;
+        c[511] ^= 1 << 40;
+        assert_eq!(
+            check_bench_block(&c, 800, 5),
+            Err(BlockMismatch::Corrupt { word: 511 })
+        );
+        let mut other = [0u64; BLOCK_WORDS];
+        fill_bench_block(&mut other, 800, 6);
+        assert!(w[3..].iter().zip(&other[3..]).all(|(a, b)| a != b));
+        // A workload block is not a bench block, and a bench block never counts in a digest.
+        let mut workload = [0u64; BLOCK_WORDS];
+        fill_block(&mut workload, 800, 5);
+        assert!(check_bench_block(&workload, 800, 5).is_err());
+        assert_eq!(parse_block(&w, 800), None);
+        let image: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut d = DiskDigest::default();
+        d.add_image(800, &image);
+        assert_eq!(d, DiskDigest::default());
+    }
+
+    #[test]
+    fn bench_patterns_and_random_blocks() {
+        for p in BenchPattern::ALL {
+            assert_eq!(BenchPattern::from_name(p.name()), Some(p));
+        }
+        assert_eq!(BenchPattern::from_name("seq"), None);
+        for w in BenchWait::ALL {
+            assert_eq!(BenchWait::from_name(w.name()), Some(w));
+        }
+        assert_eq!(BenchWait::from_name("poll"), None);
+        assert!(BenchPattern::SeqWrite.writes() && !BenchPattern::SeqWrite.random());
+        assert!(BenchPattern::RandRead.random() && !BenchPattern::RandRead.writes());
+        let mut s = BENCH_SEED;
+        let draws: Vec<u64> = (0..1000).map(|_| bench_random(&mut s) % 4096).collect();
+        let distinct: std::collections::BTreeSet<u64> = draws.iter().copied().collect();
+        assert!(distinct.len() > 800, "{}", distinct.len());
+        let mut again = BENCH_SEED;
+        assert_eq!(bench_random(&mut again) % 4096, draws[0]);
     }
 }

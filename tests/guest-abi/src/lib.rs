@@ -268,6 +268,22 @@ pub mod command {
     pub const DISK_HOLD: u8 = b'h';
     /// Let the disk workload write again; print `disk run`.
     pub const DISK_RUN: u8 = b'r';
+    /// Disk benchmark: hold the workload (wait for its writes in flight), then measure 4 KiB
+    /// requests over the guest's benchmark region ([`super::disk::bench_region`]), timed with
+    /// the guest's TSC: for each way of waiting ([`super::disk::BenchWait`]: spinning on the
+    /// used ring, or HLT between polls), each queue depth of
+    /// [`super::disk::BENCH_QUEUE_DEPTHS`], each [`super::disk::BenchPattern`], for
+    /// [`super::disk::BENCH_MILLIS`] ms or [`super::disk::BENCH_MAX_OPS`] requests. Every read
+    /// is checked against what the benchmark wrote there ([`super::disk::check_bench_block`]).
+    /// Prints
+    /// `disk bench region blocks=8192..12288 qd=1,8 wait=spin,hlt millis=2000 max_ops=50000`,
+    /// then one line per measurement,
+    /// `disk bench seq-write 4k qd8 spin: 1234 ops 2.010 s 2.51 MB/s 614 IOPS 13020 us/op`
+    /// (MB = 10^6 bytes; us/op = mean time from submit to completion), then `disk bench done`;
+    /// then lets the workload write again (unless it was held before). Failures end the
+    /// benchmark with `disk bench FAILED <pattern> 4k qd<N> <wait>: <why>` (or
+    /// `disk bench FAILED: <why>`); `disk bench: no disk` without a disk.
+    pub const DISK_BENCH: u8 = b'b';
 }
 
 /// The data pages the dirty-tracking test command writes: every 7th page from page 3, at most

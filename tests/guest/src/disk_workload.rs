@@ -248,6 +248,17 @@ impl DiskWorkload {
         self.drain(&mut |_, _, _, _, _| {})
     }
 
+    /// Whether the workload is held ([`Self::hold`]).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// The device, for the disk benchmark: only while held and drained, so that no request of
+    /// the workload is in flight (completions of requests it does not know are ignored).
+    pub fn device(&mut self) -> &mut VirtioBlk {
+        &mut self.blk
+    }
+
     /// Starts writing again (at the normal pace from now on).
     pub fn run(&mut self, now: u64) {
         self.held = false;
