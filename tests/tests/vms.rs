@@ -756,6 +756,32 @@ fn guest_triple_fault_stops_only_that_vm(host: Host) {
     cluster.stop().unwrap();
 }
 
+/// A guest spinning with interrupts off, never exiting, cannot hold the node: the host's timer
+/// preempts it (on AMD this needs V_INTR_MASKING; VMX exits on external interrupts), so the
+/// console answers, the other VM keeps its heartbeat, and the spinner can be stopped.
+fn spinning_guest_cannot_hold_the_node(host: Host) {
+    let mut cluster = host.start();
+    let console = cluster.console(1);
+    boot_vm(console, "g1", "mem=16");
+    boot_vm(console, "spin", "mem=16");
+    wait_heartbeats(console, &["g1", "spin"], 1);
+    attach_and_send(console, "spin", b"s");
+    console
+        .expect("spinning with interrupts off", GUEST_LINE)
+        .unwrap();
+    detach(console, "spin");
+    let beats = wait_heartbeats(console, &["g1"], 3)["g1"].clone();
+    assert_consecutive("g1", &beats);
+    let show = cmd(console, "vm show spin");
+    assert!(
+        show_state(&show).as_deref() == Some("running") && show.contains("intr="),
+        "the spinner is not preempted by the timer:\n{show}"
+    );
+    ok(console, "vm stop spin", "vm spin stopped");
+    guest_verify(console, "g1");
+    cluster.stop().unwrap();
+}
+
 /// A guest access outside its RAM ends in a clean stop of that VM with a message.
 fn guest_access_outside_ram_stops_the_vm(host: Host) {
     let mut cluster = host.start();
@@ -851,6 +877,18 @@ fn bench_verify_in_vm_vs_native(host: Host, file: &str) {
 // ---------------------------------------------------------------------------------------------
 // Tests on QEMU (AMD SVM + NPT)
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "boots a QEMU node; run by ./run-tests.sh"]
+fn qemu_spinning_guest_cannot_hold_the_node() {
+    spinning_guest_cannot_hold_the_node(Host::Qemu);
+}
+
+#[test]
+#[ignore = "boots a Bochs node; run by ./run-tests.sh"]
+fn bochs_spinning_guest_cannot_hold_the_node() {
+    spinning_guest_cannot_hold_the_node(Host::BochsSkylake);
+}
 
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]

@@ -348,6 +348,16 @@ impl PciDevices for Slots<'_> {
     }
 }
 
+/// What one [`Platform::poll`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskPoll {
+    /// Requests are still with the backend (the main loop keeps polling rather than sleeping).
+    pub in_flight: bool,
+    /// Completions reached the guest (a guest halted waiting for them should run now, as an
+    /// interrupt would wake it on real hardware).
+    pub delivered: bool,
+}
+
 /// A VM's platform devices beyond the serial port: the PCI host and bus, and the disk.
 pub struct Platform {
     pub pci: PciHost,
@@ -431,12 +441,12 @@ impl Platform {
     }
 
     /// Delivers the backend's completions into the guest and, while the VM runs, hands the
-    /// requests still waiting in the ring to the backend. Returns whether requests are in
-    /// flight (the main loop keeps polling rather than sleeping).
-    pub fn poll(&mut self, ram: &mut GuestRam, running: bool, vm: &str) -> bool {
+    /// requests still waiting in the ring to the backend.
+    pub fn poll(&mut self, ram: &mut GuestRam, running: bool, vm: &str) -> DiskPoll {
         let Some(disk) = self.disk.as_mut() else {
-            return false;
+            return DiskPoll::default();
         };
+        let mut delivered = false;
         let mut mem = DmaMemory {
             ram,
             dirty: &mut self.dma_dirty,
@@ -444,7 +454,7 @@ impl Platform {
         let device = &mut disk.device;
         disk.backend.poll(&mut |id, result| {
             match device.complete(&mut mem, id, result) {
-                Ok(()) => {}
+                Ok(()) => delivered = true,
                 // Dropped by a reset or a queue change: expected, nothing to deliver.
                 Err(CompleteError::UnknownRequest { .. }) => {
                     log::debug!("vm {vm}: disk request {} completed after a reset", id.0)
@@ -468,7 +478,10 @@ impl Platform {
             Some(_) => {}
             None => disk.logged_fault = false,
         }
-        disk.backend.in_flight() > 0
+        DiskPoll {
+            in_flight: disk.backend.in_flight() > 0,
+            delivered,
+        }
     }
 
     /// Requests the disk's backend still holds.

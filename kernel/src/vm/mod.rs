@@ -707,7 +707,12 @@ impl VmTable {
         let mut busy = false;
         for vm in self.vms.values_mut() {
             let running = vm.state == VmState::Running;
-            busy |= vm.devices.poll(&mut vm.ram, running, &vm.spec.name);
+            let poll = vm.devices.poll(&mut vm.ram, running, &vm.spec.name);
+            if poll.delivered {
+                // The guest halted to wait: it runs at the next pass, not the next tick.
+                vm.halted_at = None;
+            }
+            busy |= poll.in_flight;
         }
         busy
     }

@@ -258,6 +258,9 @@ pub mod command {
     pub const INVALID_OPCODE: u8 = b'u';
     /// Read guest-physical memory past the end of RAM.
     pub const OUTSIDE_RAM: u8 = b'o';
+    /// Print `spinning with interrupts off`, then loop forever without a single exit (no I/O,
+    /// no HLT): a guest that would hold the CPU unless the host's timer preempts it.
+    pub const SPIN: u8 = b's';
     /// Wait for the disk writes in flight, re-read every block written and check it against
     /// the generation table; print `disk verify ok blocks=N writes=W hash=0x..` (the digest of
     /// [`super::disk`]), `disk verify FAILED lba=.. expected gen G found ..`, or

@@ -268,6 +268,13 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
                     let value = unsafe { core::ptr::read_volatile(gpa as *const u64) };
                     say!("read {value:#x} past the end of RAM");
                 }
+                command::SPIN => {
+                    // Every byte already left through an exit of its own (the port is emulated).
+                    say!("spinning with interrupts off");
+                    loop {
+                        core::hint::spin_loop();
+                    }
+                }
                 command::DISK_VERIFY => match disk.as_mut() {
                     None => say!("disk verify: no disk"),
                     Some(w) => {

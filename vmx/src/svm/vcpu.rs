@@ -18,7 +18,7 @@ use x86_64::registers::model_specific::{Efer, EferFlags, Msr};
 
 use super::bitmap::{iopm_fill, msrpm_fill, IOPM_SIZE, MSRPM_SIZE};
 use super::state::{inject, load_from_state, save_to_state, GuestGprs};
-use super::vmcb::{intercept, TlbControl, Vmcb};
+use super::vmcb::{int_ctl, intercept, TlbControl, Vmcb};
 use crate::exit::VmExit;
 use crate::state::{PendingEvent, VcpuState};
 use crate::vcpu::{FetchContext, Gpr, GprBlock, HostPage, HostPages, Vcpu, VcpuError};
@@ -117,21 +117,7 @@ impl SvmVcpu {
         let (iopm_hpa, msrpm_hpa) = (self.iopm.hpa, self.msrpm.hpa);
         let vmcb = self.vmcb_mut();
         *vmcb = Vmcb::new();
-        vmcb.set_misc1(
-            intercept::misc1::INTR
-                | intercept::misc1::NMI
-                | intercept::misc1::CPUID
-                | intercept::misc1::HLT
-                | intercept::misc1::IOIO_PROT
-                | intercept::misc1::MSR_PROT
-                | intercept::misc1::SHUTDOWN,
-            true,
-        );
-        // VMRUN must be intercepted or VMRUN fails (APM 15.5.1).
-        vmcb.set_misc2(intercept::misc2::VMRUN | intercept::misc2::VMMCALL, true);
-        vmcb.control.iopm_base_pa = iopm_hpa;
-        vmcb.control.msrpm_base_pa = msrpm_hpa;
-        vmcb.control.guest_asid = asid;
+        set_controls(vmcb, asid, iopm_hpa, msrpm_hpa);
         vmcb.control.tlb_control = TlbControl::FlushGuest as u8;
         vmcb.enable_nested_paging(npt_root);
         let mut gprs = GuestGprs::default();
@@ -157,6 +143,32 @@ impl SvmVcpu {
         // SAFETY: as in `vmcb`, and `&mut self` makes the reference unique.
         unsafe { &mut *(self.vmcb.ptr as *mut Vmcb) }
     }
+}
+
+/// What every guest of this hypervisor runs with: the intercepts (every port and MSR through
+/// the bitmaps, CPUID, HLT, host interrupts and NMIs, shutdown, VMRUN and VMMCALL), its ASID,
+/// and host interrupts kept under host control.
+fn set_controls(vmcb: &mut Vmcb, asid: u32, iopm_hpa: u64, msrpm_hpa: u64) {
+    vmcb.set_misc1(
+        intercept::misc1::INTR
+            | intercept::misc1::NMI
+            | intercept::misc1::CPUID
+            | intercept::misc1::HLT
+            | intercept::misc1::IOIO_PROT
+            | intercept::misc1::MSR_PROT
+            | intercept::misc1::SHUTDOWN,
+        true,
+    );
+    // VMRUN must be intercepted or VMRUN fails (APM 15.5.1).
+    vmcb.set_misc2(intercept::misc2::VMRUN | intercept::misc2::VMMCALL, true);
+    vmcb.control.iopm_base_pa = iopm_hpa;
+    vmcb.control.msrpm_base_pa = msrpm_hpa;
+    vmcb.control.guest_asid = asid;
+    // Host interrupts must reach the host whatever the guest's RFLAGS.IF: without
+    // V_INTR_MASKING a guest running with interrupts off masks the timer that ends its slice
+    // and holds the CPU until it exits by itself (APM 15.21.1). The guest's IF and CR8 then
+    // govern virtual interrupts only (CR8 is V_TPR, see state.rs).
+    vmcb.control.int_ctl |= int_ctl::V_INTR_MASKING;
 }
 
 /// The world switch. `gprs` holds the guest's registers other than RAX/RSP (in the VMCB).
@@ -344,5 +356,29 @@ impl Vcpu for SvmVcpu {
         self.vmcb_mut().control.tsc_offset = state.tsc_offset as u64;
         self.shadow = state.clone();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::boxed::Box;
+
+    /// A guest running with interrupts off must still lose the CPU at the host's timer: host
+    /// interrupts exit (INTR intercept) and the guest's IF does not mask them (V_INTR_MASKING).
+    /// Without the latter a spinning guest held a node until it exited by itself.
+    #[test]
+    fn host_interrupts_preempt_a_guest_whatever_its_if() {
+        let mut vmcb = Box::new(Vmcb::new());
+        set_controls(&mut vmcb, 7, 0x1000, 0x3000);
+        assert_ne!(vmcb.control.intercept_misc1 & intercept::misc1::INTR, 0);
+        assert_ne!(vmcb.control.intercept_misc1 & intercept::misc1::NMI, 0);
+        assert_ne!(vmcb.control.int_ctl & int_ctl::V_INTR_MASKING, 0);
+        assert_ne!(vmcb.control.intercept_misc2 & intercept::misc2::VMRUN, 0);
+        assert_eq!(vmcb.control.guest_asid, 7);
+        assert_eq!(
+            (vmcb.control.iopm_base_pa, vmcb.control.msrpm_base_pa),
+            (0x1000, 0x3000)
+        );
     }
 }
