@@ -1,6 +1,8 @@
 //! The initiator against a real tgtd (issue item 2), through the blocking client: data round
 //! trips of many sizes, discovery, CHAP, two initiators with persistent reservations (conflict,
-//! preempt, UNIT ATTENTION), NOP keep-alive, and recovery after tgtd drops the connection.
+//! preempt, UNIT ATTENTION), NOP keep-alive, and recovery after tgtd drops the connection; and
+//! the reservation procedures of `storage::ownership` between two nodes, driven the way the
+//! kernel's loop drives them.
 //!
 //! Each test starts its own tgtd through the shared harness (`support::tgtd`: a free loopback
 //! port, a private control socket, sparse LUN files, stopped on drop). Without tgt installed the
@@ -10,17 +12,20 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use storage::blocking::{discover, BlockingError, Client};
 use storage::iscsi::{
-    ChapConfig, ChapCredentials, DigestPolicy, DiskError, Isid, LoginError, LoginStatus,
-    RegistrationEvent, SessionConfig, SessionEvent,
+    ChapConfig, ChapCredentials, DigestPolicy, Disk, DiskError, DiskEvent, Isid, LoginError,
+    LoginStatus, RegistrationEvent, Session, SessionConfig, SessionEvent,
 };
+use storage::ownership::{Outcome, Procedure, ProcedureError, Procedures, Ticket};
 use storage::scsi::{CommandError, ReservationKey, ReservationType, SenseKey};
 use support::tgtd::{start_or_skip, LunSpec, Tgtd};
+use transport::{Pipe, PipeError, TcpPipe};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const LUN_BYTES: u64 = 64 * 1024 * 1024;
@@ -434,4 +439,191 @@ fn recovery_after_tgtd_drops_the_connection() {
     // Another session sees the same data.
     let mut other = connect(&tgtd, "drop-check");
     assert_eq!(other.read(0, (total / 512) as u32).unwrap(), data);
+}
+
+/// What the session gets while it has no TCP connection.
+struct NoConnection;
+
+impl Pipe for NoConnection {
+    fn send(&mut self, _: &[u8]) -> Result<usize, PipeError> {
+        Err(PipeError::Closed)
+    }
+
+    fn recv(&mut self, _: &mut [u8]) -> Result<usize, PipeError> {
+        Err(PipeError::Closed)
+    }
+}
+
+/// One node's session to the LUN and its reservation procedures, polled by hand as the
+/// kernel's loop polls an attachment.
+struct Node {
+    name: &'static str,
+    disk: Disk,
+    procedures: Procedures,
+    portal: SocketAddr,
+    pipe: Option<TcpPipe>,
+    start: Instant,
+    next_ticket: u64,
+}
+
+impl Node {
+    fn new(tgtd: &Tgtd, name: &'static str) -> Node {
+        Node {
+            name,
+            disk: Disk::new(Session::new(config(tgtd, name)), 1).unwrap(),
+            procedures: Procedures::new(ReservationKey::for_node(name)),
+            portal: tgtd.portal(),
+            pipe: None,
+            start: Instant::now(),
+            next_ticket: 1,
+        }
+    }
+
+    fn key(&self) -> ReservationKey {
+        self.procedures.key()
+    }
+
+    /// One round: connect if asked, start procedures, poll, hand completions over.
+    fn poll(&mut self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        if self.disk.session().needs_connection(now) {
+            self.pipe = TcpPipe::connect(self.portal, TIMEOUT).ok();
+            self.disk.session_mut().connection_opened(now);
+        }
+        self.procedures.run(&mut self.disk, now);
+        let events = match self.pipe.as_mut() {
+            Some(pipe) => self.disk.poll(pipe, now),
+            None => self.disk.poll(&mut NoConnection, now),
+        };
+        for event in events {
+            match event {
+                DiskEvent::Completed { op, result } => assert!(
+                    self.procedures
+                        .on_completion(op, &result, &mut self.disk, now),
+                    "{}: a completion that is not the procedures': {result:?}",
+                    self.name
+                ),
+                DiskEvent::Session(
+                    SessionEvent::ConnectionLost(_)
+                    | SessionEvent::LoggedOut { .. }
+                    | SessionEvent::Failed(_),
+                ) => self.pipe = None,
+                _ => {}
+            }
+        }
+        self.procedures.run(&mut self.disk, now);
+    }
+
+    /// Runs `procedure` to its outcome, and lets any command it still has (the unregister
+    /// after a refused claim) finish before the other node acts.
+    fn run(&mut self, procedure: Procedure) -> Result<Outcome, ProcedureError> {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.procedures.start(ticket, procedure);
+        let deadline = Instant::now() + TIMEOUT;
+        let mut outcome = None;
+        while outcome.is_none() || self.procedures.busy() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {procedure} did not finish",
+                self.name
+            );
+            self.poll();
+            if outcome.is_none() {
+                outcome = self.procedures.take_result(ticket);
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+        outcome.unwrap()
+    }
+
+    fn probe(&mut self) -> bool {
+        match self.run(Procedure::Probe) {
+            Ok(Outcome::Probed { write_allowed }) => write_allowed,
+            other => panic!("{}: probe: {other:?}", self.name),
+        }
+    }
+}
+
+#[test]
+fn ownership_procedures_hand_a_lun_between_two_nodes() {
+    let Some(tgtd) = start("ownership") else {
+        return;
+    };
+    let mut a = Node::new(&tgtd, "owner-a");
+    let mut b = Node::new(&tgtd, "owner-b");
+    let (key_a, key_b) = (a.key(), b.key());
+    // An unregistered third session watches the registrations and the reservation.
+    let mut observer = connect(&tgtd, "owner-observer");
+    let mut state = || {
+        let keys = observer.read_keys().unwrap().keys;
+        let holder = observer.read_reservation().unwrap().holder;
+        (keys, holder.map(|(key, _)| key))
+    };
+
+    assert_eq!(
+        a.run(Procedure::Open),
+        Ok(Outcome::Opened {
+            sectors: LUN_BYTES / 512
+        })
+    );
+    assert_eq!(
+        a.run(Procedure::Claim { takeover: false }),
+        Ok(Outcome::Claimed { previous: None })
+    );
+    assert_eq!(state(), (vec![key_a], Some(key_a)));
+    assert!(a.probe());
+
+    // B may not take what A holds without a takeover, and leaves no registration behind.
+    assert_eq!(
+        b.run(Procedure::Claim { takeover: false }),
+        Err(ProcedureError::HeldBy(key_a))
+    );
+    assert_eq!(state(), (vec![key_a], Some(key_a)));
+    assert!(!b.probe(), "B is not registered");
+
+    // B takes over (a migration's destination): A is fenced.
+    assert_eq!(
+        b.run(Procedure::Claim { takeover: true }),
+        Ok(Outcome::Claimed {
+            previous: Some(key_a)
+        })
+    );
+    assert_eq!(state(), (vec![key_b], Some(key_b)));
+    assert!(b.probe());
+    assert!(!a.probe(), "A is fenced");
+    // SBC-3: SYNCHRONIZE CACHE conflicts like a write for a node that is not registered.
+    assert!(matches!(
+        a.run(Procedure::Flush),
+        Err(ProcedureError::Command {
+            error: DiskError::Scsi(CommandError::ReservationConflict),
+            ..
+        })
+    ));
+
+    // A takes its disk back (a failed migration): B is fenced.
+    assert_eq!(
+        a.run(Procedure::Claim { takeover: true }),
+        Ok(Outcome::Claimed {
+            previous: Some(key_b)
+        })
+    );
+    assert_eq!(state(), (vec![key_a], Some(key_a)));
+    assert!(a.probe());
+    assert!(!b.probe(), "B is fenced");
+
+    // B, fenced, gives up what it no longer has: no error, nothing changes.
+    assert_eq!(b.run(Procedure::Release), Ok(Outcome::Released));
+    assert_eq!(state(), (vec![key_a], Some(key_a)));
+
+    // A gives the disk up; B claims it fresh.
+    assert_eq!(a.run(Procedure::Release), Ok(Outcome::Released));
+    assert_eq!(state(), (vec![], None));
+    assert_eq!(
+        b.run(Procedure::Claim { takeover: false }),
+        Ok(Outcome::Claimed { previous: None })
+    );
+    assert_eq!(state(), (vec![key_b], Some(key_b)));
+    assert!(b.probe());
+    assert!(!a.probe(), "A is no longer registered");
 }

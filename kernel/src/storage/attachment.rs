@@ -1,93 +1,46 @@
 //! One LUN in use by a VM of this node: its iSCSI session (own TCP connection on the storage
 //! network, reconnected by the session when lost), the channel to the VM's virtio-blk device,
-//! and the reservation work the node does on the LUN ([`Procedure`]), one at a time.
+//! and the reservation work the node does on the LUN, one procedure at a time. The procedures
+//! themselves (open, claim, take over, flush, probe, release) are the `storage` crate's
+//! [`Procedures`]; this is the glue between them, the guest's requests and the console.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use ::net::addr::Endpoint;
 use ::net::smoltcp::iface::SocketHandle;
-use storage::iscsi::{Disk, DiskError, DiskEvent, DiskReply, OpId, RegistrationEvent};
-use storage::iscsi::{SessionEvent, SessionState};
-use storage::scsi::{CommandError, ReservationKey};
+use storage::iscsi::{
+    Disk, DiskError, DiskEvent, DiskReply, OpId, RegistrationEvent, SessionEvent,
+};
+use storage::ownership::{self, Procedures};
+use storage::scsi::ReservationKey;
 use storage::LunPath;
 use transport::{Pipe, PipeError};
 use vmx::devices::virtio::blk::{RequestId, RequestKind, SECTOR_SIZE};
 
 use super::backend::SharedChannel;
 
-/// A handle to the outcome of a [`Procedure`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Ticket(pub u64);
+pub use storage::ownership::{Outcome, Procedure, Ticket};
 
-/// Reservation and housekeeping work on a LUN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Procedure {
-    /// Logged in, READ CAPACITY: the disk's size.
-    Open,
-    /// Register this node's key and make sure it holds the reservation (Write Exclusive -
-    /// Registrants Only). `takeover`: preempt another holder (a migration's destination, or the
-    /// source taking its disk back); otherwise another holder is an error (a new VM must not
-    /// use a disk another node's VM writes).
-    Claim { takeover: bool },
-    /// SYNCHRONIZE CACHE: every acknowledged write is durable at the target.
-    Flush,
-    /// A write of no blocks: whether the target lets this node's session write (a fenced node
-    /// gets RESERVATION CONFLICT). Harmless: nothing is written.
-    Probe,
-    /// Give the disk up: RELEASE (if we hold it), then unregister our key.
-    Release,
-}
-
-/// What a finished procedure found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Open: size in 512-byte sectors.
-    Opened {
-        sectors: u64,
-    },
-    /// Claim: who held the reservation before (`None`: nobody, or already us).
-    Claimed {
-        previous: Option<ReservationKey>,
-    },
-    Flushed,
-    /// Probe: whether the write was allowed.
-    Probed {
-        write_allowed: bool,
-    },
-    Released,
-}
-
-/// Why a procedure did not give its outcome.
+/// Why a procedure did not give its outcome, as the node's console and migration code see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProcedureError {
     /// Another node holds the disk's reservation (a claim without takeover).
     HeldBy(ReservationKey),
-    /// The session or a command failed.
+    /// The session or a command failed (the `storage` crate's typed error, in words), or the
+    /// attachment is gone.
     Failed(String),
 }
 
-/// One step of the running procedure: the operation it waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Capacity,
-    Register,
-    ReadReservation,
-    Reserve { previous: Option<ReservationKey> },
-    Preempt { victim: ReservationKey },
-    Flush,
-    Probe,
-    Release,
-    Unregister,
-}
-
-struct Running {
-    ticket: Ticket,
-    procedure: Procedure,
-    step: Step,
-    op: Option<OpId>,
+impl From<ownership::ProcedureError> for ProcedureError {
+    fn from(error: ownership::ProcedureError) -> Self {
+        match error {
+            ownership::ProcedureError::HeldBy(key) => ProcedureError::HeldBy(key),
+            other => ProcedureError::Failed(format!("{other}")),
+        }
+    }
 }
 
 /// A LUN attached for one VM.
@@ -99,14 +52,10 @@ pub struct Attachment {
     pub disk: Disk,
     pub socket: Option<SocketHandle>,
     pub channel: SharedChannel,
-    key: ReservationKey,
     /// Guest requests at the target, by the operation carrying them.
     guest_ops: BTreeMap<OpId, (RequestId, bool)>,
-    running: Option<Running>,
-    queued: VecDeque<(Ticket, Procedure)>,
-    finished: Vec<(Ticket, Result<Outcome, ProcedureError>)>,
-    /// The LUN's size in 512-byte sectors, once [`Procedure::Open`] read it.
-    pub sectors: Option<u64>,
+    /// The reservation procedures queued and running on the LUN.
+    procedures: Procedures,
     /// Set once the node gave the disk up: the session logs out and the attachment goes.
     pub closing: bool,
     /// Since when the session has had no working connection, and whether the console was
@@ -131,14 +80,6 @@ impl Pipe for NoConnection {
     }
 }
 
-fn describe(error: &DiskError) -> ProcedureError {
-    ProcedureError::Failed(format!("{error}"))
-}
-
-fn is_conflict(error: &DiskError) -> bool {
-    matches!(error, DiskError::Scsi(CommandError::ReservationConflict))
-}
-
 impl Attachment {
     pub fn new(
         path: LunPath,
@@ -155,12 +96,8 @@ impl Attachment {
             disk,
             socket: None,
             channel,
-            key,
             guest_ops: BTreeMap::new(),
-            running: None,
-            queued: VecDeque::new(),
-            finished: Vec::new(),
-            sectors: None,
+            procedures: Procedures::new(key),
             closing: false,
             lost_since: None,
             lost_reported: false,
@@ -169,25 +106,24 @@ impl Attachment {
 
     /// Queues `procedure`; its outcome comes back from [`Self::take_result`].
     pub fn start(&mut self, ticket: Ticket, procedure: Procedure) {
-        self.queued.push_back((ticket, procedure));
+        self.procedures.start(ticket, procedure);
     }
 
     /// The outcome of a finished procedure, once.
     pub fn take_result(&mut self, ticket: Ticket) -> Option<Result<Outcome, ProcedureError>> {
-        let at = self.finished.iter().position(|(t, _)| *t == ticket)?;
-        Some(self.finished.remove(at).1)
+        self.procedures
+            .take_result(ticket)
+            .map(|result| result.map_err(ProcedureError::from))
     }
 
-    /// Whether the procedure of `ticket` is still queued or running.
+    /// Whether the outcome of `ticket` is still to come (queued or running).
     pub fn pending(&self, ticket: Ticket) -> bool {
-        self.running.as_ref().is_some_and(|r| r.ticket == ticket)
-            || self.queued.iter().any(|(t, _)| *t == ticket)
+        self.procedures.pending(ticket)
     }
 
     /// Whether anything is under way (the loop should not sleep).
     pub fn busy(&self) -> bool {
-        self.running.is_some()
-            || !self.queued.is_empty()
+        self.procedures.busy()
             || !self.guest_ops.is_empty()
             || !self.channel.lock().submitted.is_empty()
     }
@@ -200,8 +136,9 @@ impl Attachment {
                 DiskEvent::Completed { op, result } => {
                     if let Some((request, is_read)) = self.guest_ops.remove(&op) {
                         self.complete_guest(request, is_read, result);
-                    } else if self.running.as_ref().is_some_and(|r| r.op == Some(op)) {
-                        self.advance(result, now_ms);
+                    } else {
+                        self.procedures
+                            .on_completion(op, &result, &mut self.disk, now_ms);
                     }
                 }
                 DiskEvent::Registration(RegistrationEvent::Fenced { .. }) => lines.push(format!(
@@ -332,157 +269,9 @@ impl Attachment {
         }
     }
 
-    /// Starts the next queued procedure when none runs and the session can take commands.
+    /// Starts the next queued procedure when none runs and the session can take commands
+    /// (fails the queued ones once the session ended).
     pub fn run_procedures(&mut self, now_ms: u64) {
-        if self.running.is_some() {
-            return;
-        }
-        match self.disk.session().state() {
-            SessionState::FullFeature => {}
-            SessionState::Failed | SessionState::Closed => {
-                let why = self
-                    .disk
-                    .session()
-                    .failure()
-                    .map_or_else(|| "the session is closed".to_string(), |e| format!("{e}"));
-                for (ticket, _) in self.queued.drain(..) {
-                    self.finished
-                        .push((ticket, Err(ProcedureError::Failed(why.clone()))));
-                }
-                return;
-            }
-            // Commands would queue in the session anyway; waiting keeps the steps in order
-            // with the log-in.
-            _ => return,
-        }
-        let Some((ticket, procedure)) = self.queued.pop_front() else {
-            return;
-        };
-        let step = match procedure {
-            Procedure::Open => Step::Capacity,
-            Procedure::Claim { .. } => Step::Register,
-            Procedure::Flush => Step::Flush,
-            Procedure::Probe => Step::Probe,
-            Procedure::Release => Step::Release,
-        };
-        self.running = Some(Running {
-            ticket,
-            procedure,
-            step,
-            op: None,
-        });
-        self.submit_step(now_ms);
-    }
-
-    fn submit_step(&mut self, now_ms: u64) {
-        let Some(running) = self.running.as_mut() else {
-            return;
-        };
-        let key = self.key;
-        let disk = &mut self.disk;
-        let submitted = match running.step {
-            Step::Capacity => disk.read_capacity(now_ms),
-            Step::Register => disk.register_and_ignore(key, now_ms),
-            Step::ReadReservation => disk.read_reservation(now_ms),
-            Step::Reserve { .. } => disk.reserve(key, now_ms),
-            Step::Preempt { victim } => disk.preempt(key, victim, now_ms),
-            Step::Flush => disk.flush(now_ms),
-            Step::Probe => disk.write(0, Vec::new(), now_ms),
-            Step::Release => disk.release(key, now_ms),
-            Step::Unregister => disk.register(key, ReservationKey::NONE, now_ms),
-        };
-        match submitted {
-            Ok(op) => running.op = Some(op),
-            Err(e) => self.finish(Err(describe(&e))),
-        }
-    }
-
-    fn finish(&mut self, result: Result<Outcome, ProcedureError>) {
-        if let Some(running) = self.running.take() {
-            self.finished.push((running.ticket, result));
-        }
-    }
-
-    /// The running procedure's operation completed: the next step, or the outcome.
-    fn advance(&mut self, result: Result<DiskReply, DiskError>, now_ms: u64) {
-        let Some(&Running {
-            ticket,
-            procedure,
-            step,
-            ..
-        }) = self.running.as_ref()
-        else {
-            return;
-        };
-        let takeover = matches!(procedure, Procedure::Claim { takeover: true });
-        let next = match (step, result) {
-            (Step::Capacity, Ok(DiskReply::Capacity(capacity))) => {
-                let sectors = capacity.bytes() / SECTOR_SIZE;
-                self.sectors = Some(sectors);
-                return self.finish(Ok(Outcome::Opened { sectors }));
-            }
-            (Step::Register, Ok(_)) => Step::ReadReservation,
-            (Step::ReadReservation, Ok(DiskReply::Reservation(status))) => match status.holder {
-                None => Step::Reserve { previous: None },
-                Some((holder, _)) if holder == self.key => {
-                    self.disk.keep_registration(Some(self.key));
-                    return self.finish(Ok(Outcome::Claimed { previous: None }));
-                }
-                Some((holder, _)) if takeover => Step::Preempt { victim: holder },
-                Some((holder, _)) => {
-                    // Not ours to take: leave no registration behind either.
-                    self.finished
-                        .push((ticket, Err(ProcedureError::HeldBy(holder))));
-                    Step::Unregister
-                }
-            },
-            (Step::Reserve { previous }, Ok(_)) => {
-                self.disk.keep_registration(Some(self.key));
-                return self.finish(Ok(Outcome::Claimed { previous }));
-            }
-            (Step::Preempt { victim }, Ok(_)) => {
-                self.disk.keep_registration(Some(self.key));
-                return self.finish(Ok(Outcome::Claimed {
-                    previous: Some(victim),
-                }));
-            }
-            (Step::Flush, Ok(_)) => return self.finish(Ok(Outcome::Flushed)),
-            (Step::Probe, Ok(_)) => {
-                return self.finish(Ok(Outcome::Probed {
-                    write_allowed: true,
-                }))
-            }
-            (Step::Probe, Err(e)) if is_conflict(&e) => {
-                return self.finish(Ok(Outcome::Probed {
-                    write_allowed: false,
-                }))
-            }
-            // Releasing what we do not hold (or no longer may touch) is not an error here.
-            (Step::Release, Ok(_) | Err(_)) => Step::Unregister,
-            (Step::Unregister, result) => {
-                self.disk.keep_registration(None);
-                // After a refused claim the outcome was already given.
-                if self.finished.iter().any(|(t, _)| *t == ticket) {
-                    self.running = None;
-                    return;
-                }
-                return self.finish(match result {
-                    Ok(_) => Ok(Outcome::Released),
-                    Err(e) if is_conflict(&e) => Ok(Outcome::Released),
-                    Err(e) => Err(describe(&e)),
-                });
-            }
-            (step, Ok(reply)) => {
-                return self.finish(Err(ProcedureError::Failed(format!(
-                    "unexpected answer {reply:?} in {step:?}"
-                ))))
-            }
-            (_, Err(e)) => return self.finish(Err(describe(&e))),
-        };
-        if let Some(running) = self.running.as_mut() {
-            running.step = next;
-            running.op = None;
-        }
-        self.submit_step(now_ms);
+        self.procedures.run(&mut self.disk, now_ms);
     }
 }

@@ -1,8 +1,10 @@
 //! An in-memory iSCSI target for the session tests: enough of RFC 7143 to log in (with CHAP),
 //! negotiate, answer SendTargets, and serve one LUN of RAM with READ/WRITE(16) (R2T and
-//! unsolicited data included), plus faults on demand (drops, silence, UNIT ATTENTIONs, rejects,
-//! bad offsets, digest corruption, asynchronous messages). It checks what the initiator sends
-//! and records every violation it sees, so tests can assert the initiator kept the rules.
+//! unsolicited data included) and persistent reservations of type Write Exclusive - Registrants
+//! Only (registrations bound to the connection, as tgt binds them to the I_T nexus), plus faults
+//! on demand (drops, silence, UNIT ATTENTIONs, rejects, bad offsets, digest corruption,
+//! asynchronous messages). It checks what the initiator sends and records every violation it
+//! sees, so tests can assert the initiator kept the rules.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
@@ -876,6 +878,11 @@ impl FakeTarget {
         let count = u32::from_be_bytes(cdb[10..14].try_into().unwrap()) as usize;
         let expected = command.expected_data_transfer_length as usize;
         match opcode {
+            // Write Exclusive - Registrants Only: writes, and SYNCHRONIZE CACHE like them (SBC-3),
+            // of a nexus that is not registered conflict.
+            0x8A | 0x91 if self.write_conflicts() => {
+                self.respond(conn, itt, 0x18, Vec::new(), Residual::None);
+            }
             0x00 | 0x91 => self.respond(conn, itt, 0, Vec::new(), Residual::None),
             0x12 => {
                 let mut inquiry = vec![0u8; 36];
@@ -909,9 +916,6 @@ impl FakeTarget {
                 }
                 let bytes = self.disk[start..end].to_vec();
                 self.data_in(conn, &command, &bytes);
-            }
-            0x8A if self.write_conflicts() => {
-                self.respond(conn, itt, 0x18, Vec::new(), Residual::None);
             }
             0x8A | 0x5F => {
                 let expected = command.expected_data_transfer_length;
@@ -982,13 +986,14 @@ impl FakeTarget {
         }
         if write.received >= write.expected {
             let write = conn.writes.remove(&itt).unwrap();
-            if write.cdb[0] == 0x8A {
+            let status = if write.cdb[0] == 0x8A {
                 let start = write.lba as usize * self.config.block_len as usize;
                 self.disk[start..start + write.buf.len()].copy_from_slice(&write.buf);
+                0
             } else {
-                self.pr_out(write.cdb, &write.buf);
-            }
-            self.respond(conn, itt, 0, Vec::new(), Residual::None);
+                self.pr_out(write.cdb, &write.buf)
+            };
+            self.respond(conn, itt, status, Vec::new(), Residual::None);
             return;
         }
         let offset = write.next_r2t_offset;
@@ -1011,30 +1016,71 @@ impl FakeTarget {
         self.send(conn, &r2t.to_bhs(), &[]);
     }
 
-    fn pr_out(&mut self, cdb: [u8; 16], params: &[u8]) {
+    /// PERSISTENT RESERVE OUT with the SPC-4 5.13 rules the cluster relies on; returns the
+    /// status (GOOD, or 0x18 RESERVATION CONFLICT). The RESERVATION KEY must be the nexus'
+    /// registered key (0 for REGISTER from an unregistered nexus; REGISTER AND IGNORE EXISTING
+    /// KEY skips the check); RESERVE while another key holds it, and PREEMPT of a key nobody
+    /// registered, conflict; RELEASE by a registrant that does not hold the reservation does
+    /// nothing; the holder unregistering releases it.
+    fn pr_out(&mut self, cdb: [u8; 16], params: &[u8]) -> u8 {
+        const GOOD: u8 = 0;
+        const CONFLICT: u8 = 0x18;
         let key = u64::from_be_bytes(params[0..8].try_into().unwrap());
         let sa_key = u64::from_be_bytes(params[8..16].try_into().unwrap());
+        let kind = cdb[2] & 0x0F;
         let nexus = self.stats.connections;
-        match cdb[1] & 0x1F {
+        let registered = self
+            .keys
+            .iter()
+            .find(|(_, owner)| *owner == nexus)
+            .map(|(k, _)| *k);
+        let action = cdb[1] & 0x1F;
+        let key_ok = match action {
+            6 => true,
+            0 => key == registered.unwrap_or(0),
+            _ => registered == Some(key),
+        };
+        if !key_ok {
+            return CONFLICT;
+        }
+        match action {
             0 | 6 => {
                 self.keys.retain(|(_, owner)| *owner != nexus);
                 if sa_key != 0 {
                     self.keys.push((sa_key, nexus));
                 }
+                let holder_left = self.reservation.is_some_and(|(holder, _)| {
+                    Some(holder) == registered && !self.keys.iter().any(|(k, _)| *k == holder)
+                });
+                if holder_left {
+                    self.reservation = None;
+                }
             }
-            1 => self.reservation = Some((key, cdb[2] & 0x0F)),
-            2 => self.reservation = None,
+            1 => match self.reservation {
+                None => self.reservation = Some((key, kind)),
+                Some((holder, _)) if holder == key => {}
+                Some(_) => return CONFLICT,
+            },
+            2 => {
+                if self.reservation.is_some_and(|(holder, _)| holder == key) {
+                    self.reservation = None;
+                }
+            }
             3 => {
                 self.keys.clear();
                 self.reservation = None;
             }
             _ => {
+                if !self.keys.iter().any(|(k, _)| *k == sa_key) {
+                    return CONFLICT;
+                }
                 self.keys.retain(|(k, _)| *k != sa_key);
                 if self.reservation.is_some_and(|(holder, _)| holder == sa_key) {
-                    self.reservation = Some((key, cdb[2] & 0x0F));
+                    self.reservation = Some((key, kind));
                 }
             }
         }
+        GOOD
     }
 
     /// Write Exclusive - Registrants Only, with registrations bound to the connection.

@@ -53,7 +53,7 @@ pub mod text;
 pub mod wire;
 
 #[cfg(test)]
-mod fake_target;
+pub(crate) mod fake_target;
 #[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
