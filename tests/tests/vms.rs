@@ -756,8 +756,9 @@ fn guest_triple_fault_stops_only_that_vm(host: Host) {
     cluster.stop().unwrap();
 }
 
-/// A guest spinning with interrupts off, never exiting, cannot hold the node: the host's timer
-/// preempts it (on AMD this needs V_INTR_MASKING; VMX exits on external interrupts), so the
+/// A guest spinning with interrupts off, never exiting, cannot hold the node: the host takes
+/// the CPU back every tick (AMD: the timer interrupt exits, which needs V_INTR_MASKING; Intel:
+/// the VMX-preemption timer, as Bochs gives such a guest no external-interrupt exit), so the
 /// console answers, the other VM keeps its heartbeat, and the spinner can be stopped.
 fn spinning_guest_cannot_hold_the_node(host: Host) {
     let mut cluster = host.start();
@@ -774,8 +775,9 @@ fn spinning_guest_cannot_hold_the_node(host: Host) {
     assert_consecutive("g1", &beats);
     let show = cmd(console, "vm show spin");
     assert!(
-        show_state(&show).as_deref() == Some("running") && show.contains("intr="),
-        "the spinner is not preempted by the timer:\n{show}"
+        show_state(&show).as_deref() == Some("running")
+            && (show.contains("intr=") || show.contains("slice=")),
+        "the spinner is not preempted:\n{show}"
     );
     ok(console, "vm stop spin", "vm spin stopped");
     guest_verify(console, "g1");

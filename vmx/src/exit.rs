@@ -151,6 +151,9 @@ pub enum VmExit {
     NestedPageMisconfig { gpa: u64 },
     /// A host interrupt arrived while the guest ran.
     ExternalInterrupt,
+    /// The guest used up its time slice (the VMX-preemption timer): the host takes the CPU
+    /// back whatever the guest does.
+    SliceExpired,
     /// A host NMI arrived while the guest ran.
     Nmi,
     /// The guest shut down (SVM SHUTDOWN intercept, VMX triple fault): it is dead.
@@ -182,6 +185,7 @@ impl VmExit {
             Self::NestedPageFault { .. } => ExitKind::NestedPageFault,
             Self::NestedPageMisconfig { .. } => ExitKind::NestedPageMisconfig,
             Self::ExternalInterrupt => ExitKind::ExternalInterrupt,
+            Self::SliceExpired => ExitKind::SliceExpired,
             Self::Nmi => ExitKind::Nmi,
             Self::Shutdown => ExitKind::Shutdown,
             Self::Exception { .. } => ExitKind::Exception,
@@ -273,6 +277,7 @@ pub enum ExitKind {
     NestedPageFault,
     NestedPageMisconfig,
     ExternalInterrupt,
+    SliceExpired,
     Nmi,
     Shutdown,
     Exception,
@@ -282,7 +287,7 @@ pub enum ExitKind {
 
 impl ExitKind {
     /// Number of kinds.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     /// Every kind, in discriminant order.
     pub const ALL: [ExitKind; Self::COUNT] = [
@@ -295,6 +300,7 @@ impl ExitKind {
         Self::NestedPageFault,
         Self::NestedPageMisconfig,
         Self::ExternalInterrupt,
+        Self::SliceExpired,
         Self::Nmi,
         Self::Shutdown,
         Self::Exception,
@@ -319,6 +325,7 @@ impl ExitKind {
             Self::NestedPageFault => "npf",
             Self::NestedPageMisconfig => "np-misconfig",
             Self::ExternalInterrupt => "intr",
+            Self::SliceExpired => "slice",
             Self::Nmi => "nmi",
             Self::Shutdown => "shutdown",
             Self::Exception => "exception",

@@ -127,6 +127,14 @@ pub trait Vcpu {
     fn inject(&mut self, event: &PendingEvent) -> Result<(), VcpuError>;
     /// Guest TSC = host TSC + offset.
     fn set_tsc_offset(&mut self, offset: i64);
+    /// Bounds each entry to about `tsc_ticks` of host TSC, after which the guest exits with
+    /// [`VmExit::SliceExpired`] whatever it does (the VMX-preemption timer). The host's timer
+    /// interrupt ends slices too; this is the bound that needs no interrupt delivery at all.
+    /// A no-op where the hardware has no such timer (SVM: host interrupts always exit there,
+    /// with V_INTR_MASKING).
+    fn set_time_slice(&mut self, tsc_ticks: u64) {
+        let _ = tsc_ticks;
+    }
     /// Makes the next entry flush this guest's nested-paging TLB entries (needed after D bits
     /// were cleared or permissions removed in the nested page tables).
     fn flush_nested_tlb(&mut self);

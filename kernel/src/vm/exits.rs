@@ -187,7 +187,7 @@ fn handle(vm: &mut Vm, exit: &VmExit, raw: bool, out: &mut dyn FnMut(&str, &[u8]
             "triple fault (shutdown) at rip {:#x}",
             vm.vcpu.rip()
         )),
-        VmExit::ExternalInterrupt | VmExit::Nmi => Next::EndSlice,
+        VmExit::ExternalInterrupt | VmExit::SliceExpired | VmExit::Nmi => Next::EndSlice,
         ref other => Next::Stop(format!(
             "unhandled exit {other} at rip {:#x} (raw {:x?})",
             vm.vcpu.rip(),

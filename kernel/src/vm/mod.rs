@@ -356,6 +356,9 @@ impl Vm {
     }
 }
 
+/// Longest run of a guest between two returns to the host loop: one timer tick (1 kHz).
+const SLICES_PER_SEC: u64 = 1000;
+
 /// All VMs of this node.
 pub struct VmTable {
     vms: HashMap<String, Vm>,
@@ -535,7 +538,7 @@ impl VmTable {
             });
         let vcpu = state.and_then(|state| self.backend.new_vcpu(tag, &npt, &state));
         let wp_dirty = DirtyBitmap::new(pages).map_err(|e| format!("{e}"));
-        let (vcpu, wp_dirty) = match (vcpu, wp_dirty) {
+        let (mut vcpu, wp_dirty) = match (vcpu, wp_dirty) {
             (Ok(vcpu), Ok(wp)) => (vcpu, wp),
             (vcpu, wp) => {
                 let why = match (&vcpu, &wp) {
@@ -550,6 +553,9 @@ impl VmTable {
                 return Err(VmError::Setup(why));
             }
         };
+        // No entry runs longer than one timer tick, even if no host interrupt reaches the
+        // guest (see `Vcpu::set_time_slice`).
+        vcpu.set_time_slice(clock::tsc_hz() / SLICES_PER_SEC);
         let name = spec.name.clone();
         let mut vm = Vm {
             spec,

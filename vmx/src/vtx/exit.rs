@@ -353,6 +353,7 @@ pub fn exit_from_vmcs(info: &VmxExitInfo) -> VmExit {
             }
         }
         reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
+        reason::PREEMPTION_TIMER => VmExit::SliceExpired,
         reason::TRIPLE_FAULT => VmExit::Shutdown,
         reason::CPUID => VmExit::Cpuid,
         reason::HLT => VmExit::Hlt,
@@ -420,6 +421,7 @@ mod tests {
         assert_eq!(exit_from_vmcs(&with(12, 0)), VmExit::Hlt);
         assert_eq!(exit_from_vmcs(&with(18, 0)), VmExit::Hypercall);
         assert_eq!(exit_from_vmcs(&with(1, 0)), VmExit::ExternalInterrupt);
+        assert_eq!(exit_from_vmcs(&with(52, 0)), VmExit::SliceExpired);
         assert_eq!(exit_from_vmcs(&with(2, 0)), VmExit::Shutdown);
     }
 

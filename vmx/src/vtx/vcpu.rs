@@ -14,7 +14,9 @@
 //! host interrupt that caused an external-interrupt exit (not acknowledged on exit, so still
 //! pending) is taken right there. Interrupts are off (CLI) from before the entry, so a timer
 //! tick that arrives while the switch is prepared makes the guest exit immediately after entry
-//! instead of being serviced before it.
+//! instead of being serviced before it. Besides the timer interrupt, the VMX-preemption timer
+//! bounds each entry ([`Vcpu::set_time_slice`]): under Bochs a guest spinning with RFLAGS.IF
+//! clear never took an external-interrupt exit, and held the node.
 //!
 //! Several vCPUs share the core: the current-VMCS pointer is per logical processor, so every
 //! operation first makes this vCPU's VMCS current (VMPTRLD when [`CURRENT_VMCS`] names another).
@@ -59,6 +61,8 @@ const IA32_SYSENTER_EIP: u32 = 0x176;
 const IA32_PAT: u32 = 0x277;
 /// CR4.VMXE (bit 13): VMXON is allowed only with it set (SDM 24.7).
 const CR4_VMXE: u64 = 1 << 13;
+/// IA32_VMX_MISC bits 4:0: the VMX-preemption timer counts once every 2^X TSC ticks (A.6).
+const MISC_PREEMPTION_TIMER_RATE: u64 = 0x1F;
 /// IA32_VMX_MISC bit 30: software interrupts/exceptions may be injected with length 0 (A.6).
 const MISC_ZERO_LENGTH_INJECTION: u64 = 1 << 30;
 /// IA32_VMX_EPT_VPID_CAP bits 41/42: single-context / all-context INVVPID (A.10).
@@ -387,8 +391,12 @@ fn choose_controls(
     allowed: impl Fn(ControlSet) -> u64,
 ) -> Result<Controls, VmxError> {
     let may_be_one = |set: ControlSet, bits: u32| bits & (allowed(set) >> 32) as u32;
+    // The VMX-preemption timer bounds every entry (see `Vcpu::set_time_slice`), when the CPU
+    // has it.
     let pin = ControlSet::PinBased.adjust(
-        pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING,
+        pin::EXTERNAL_INTERRUPT_EXITING
+            | pin::NMI_EXITING
+            | may_be_one(ControlSet::PinBased, pin::ACTIVATE_PREEMPTION_TIMER),
         allowed(ControlSet::PinBased),
     )?;
     // Every I/O access exits (unconditional I/O exiting, no I/O bitmaps) and so does every
@@ -452,6 +460,9 @@ pub struct VmxVcpu {
     raw: [u64; 3],
     /// A VMWRITE that failed in a method that cannot report it; the next `run` reports it.
     deferred: Option<VmcsAccessError>,
+    /// The VMX-preemption timer is on (see `Vcpu::set_time_slice`), and its rate shift.
+    preemption_timer: bool,
+    preemption_timer_shift: u32,
 }
 
 impl VmxVcpu {
@@ -525,6 +536,9 @@ impl VmxVcpu {
             shadow: state.clone(),
             raw: [0; 3],
             deferred: None,
+            preemption_timer: false,
+            preemption_timer_shift: (read_msr(msr::IA32_VMX_MISC) & MISC_PREEMPTION_TIMER_RATE)
+                as u32,
         };
         if let Err(err) = vcpu.init(state, caps) {
             vcpu.free_pages(pages);
@@ -567,6 +581,11 @@ impl VmxVcpu {
         })?;
         let mut v = ActiveVmcs(());
         v.write(field::PIN_BASED_VM_EXEC_CONTROL, controls.pin.into())?;
+        self.preemption_timer = controls.pin & pin::ACTIVATE_PREEMPTION_TIMER != 0;
+        if self.preemption_timer {
+            // Until the owner sets a slice: long enough never to matter.
+            v.write(field::VMX_PREEMPTION_TIMER_VALUE, u64::from(u32::MAX))?;
+        }
         v.write(field::CPU_BASED_VM_EXEC_CONTROL, controls.primary.into())?;
         v.write(field::SECONDARY_VM_EXEC_CONTROL, controls.secondary.into())?;
         v.write(field::VM_EXIT_CONTROLS, controls.exit.into())?;
@@ -948,6 +967,16 @@ impl Vcpu for VmxVcpu {
         // (SDM 26.3, "Changes to Instruction Behavior in VMX Non-Root Operation").
         self.write_or_defer(field::TSC_OFFSET, offset as u64);
         self.shadow.tsc_offset = offset;
+    }
+
+    fn set_time_slice(&mut self, tsc_ticks: u64) {
+        if !self.preemption_timer {
+            return;
+        }
+        // The timer counts down at the TSC's rate divided by 2^IA32_VMX_MISC[4:0] (SDM 26.5.1),
+        // from the value loaded at each entry (the exit does not save it: the full slice again).
+        let value = (tsc_ticks >> self.preemption_timer_shift).clamp(1, u64::from(u32::MAX));
+        self.write_or_defer(field::VMX_PREEMPTION_TIMER_VALUE, value);
     }
 
     fn flush_nested_tlb(&mut self) {
