@@ -24,25 +24,6 @@ use super::backend::SharedChannel;
 
 pub use storage::ownership::{Outcome, Procedure, Ticket};
 
-/// Why a procedure did not give its outcome, as the node's console and migration code see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProcedureError {
-    /// Another node holds the disk's reservation (a claim without takeover).
-    HeldBy(ReservationKey),
-    /// The session or a command failed (the `storage` crate's typed error, in words), or the
-    /// attachment is gone.
-    Failed(String),
-}
-
-impl From<ownership::ProcedureError> for ProcedureError {
-    fn from(error: ownership::ProcedureError) -> Self {
-        match error {
-            ownership::ProcedureError::HeldBy(key) => ProcedureError::HeldBy(key),
-            other => ProcedureError::Failed(format!("{other}")),
-        }
-    }
-}
-
 /// A LUN attached for one VM.
 pub struct Attachment {
     pub path: LunPath,
@@ -110,10 +91,11 @@ impl Attachment {
     }
 
     /// The outcome of a finished procedure, once.
-    pub fn take_result(&mut self, ticket: Ticket) -> Option<Result<Outcome, ProcedureError>> {
-        self.procedures
-            .take_result(ticket)
-            .map(|result| result.map_err(ProcedureError::from))
+    pub fn take_result(
+        &mut self,
+        ticket: Ticket,
+    ) -> Option<Result<Outcome, ownership::ProcedureError>> {
+        self.procedures.take_result(ticket)
     }
 
     /// Whether the outcome of `ticket` is still to come (queued or running).

@@ -30,8 +30,9 @@ use storage::LunPath;
 
 use crate::net::{Net, SocketPipe};
 use crate::vm::BlockBackend;
-use attachment::{Attachment, NoConnection, Outcome, Procedure, ProcedureError, Ticket};
+use attachment::{Attachment, NoConnection, Outcome, Procedure, Ticket};
 use backend::{Channel, IscsiBackend};
+use storage::ownership;
 
 /// The iSCSI name of a node: one initiator name per node, so the target's ACLs and logs name it.
 pub fn initiator_name(node: &str) -> String {
@@ -63,6 +64,18 @@ impl core::fmt::Display for StorageError {
             StorageError::NotAttached(path) => write!(f, "disk {path} is not attached here"),
         }
     }
+}
+
+/// Why a procedure gave no outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcedureError {
+    /// The storage crate's reason: another node holds the disk, a command failed, the session
+    /// ended.
+    Procedure(ownership::ProcedureError),
+    /// The LUN is no longer attached here.
+    Detached(LunPath),
+    /// No procedure of that ticket is queued, running or finished (a caller's bug).
+    UnknownTicket,
 }
 
 /// What the service does by itself once a background procedure ends.
@@ -200,18 +213,16 @@ impl Storage {
         ticket: Ticket,
     ) -> Option<Result<Outcome, ProcedureError>> {
         let Some(i) = self.find(path) else {
-            return Some(Err(ProcedureError::Failed(format!(
-                "disk {path} is no longer attached"
-            ))));
+            return Some(Err(ProcedureError::Detached(path.clone())));
         };
         let a = &mut self.attachments[i];
         if let Some(result) = a.take_result(ticket) {
-            return Some(result);
+            return Some(result.map_err(ProcedureError::Procedure));
         }
         if a.pending(ticket) {
             None
         } else {
-            Some(Err(ProcedureError::Failed("no such procedure".to_string())))
+            Some(Err(ProcedureError::UnknownTicket))
         }
     }
 
@@ -323,8 +334,12 @@ impl Storage {
     /// A procedure error in words (holders by node name when the node knows them).
     pub fn describe(&self, error: &ProcedureError) -> String {
         match error {
-            ProcedureError::HeldBy(key) => format!("reserved by {}", self.holder_name(*key)),
-            ProcedureError::Failed(why) => why.clone(),
+            ProcedureError::Procedure(ownership::ProcedureError::HeldBy(key)) => {
+                format!("reserved by {}", self.holder_name(*key))
+            }
+            ProcedureError::Procedure(other) => format!("{other}"),
+            ProcedureError::Detached(path) => format!("disk {path} is no longer attached"),
+            ProcedureError::UnknownTicket => String::from("no such procedure"),
         }
     }
 
