@@ -132,6 +132,21 @@ pub fn run(mut node: Node) -> ! {
     }
 }
 
+/// What a console command that waits for the network does between two polls: the VM slices
+/// (their lines go to the console) and their disk completions, or a halt until the next tick
+/// when no VM is runnable. VMs never stall for longer than one poll while the console waits.
+fn idle(vms: &mut crate::vm::VmTable) {
+    vms.run_slice(&mut |name, bytes| {
+        crate::print!("[{name}] ");
+        serial::write_bytes(bytes);
+        serial::write_bytes(b"\r\n");
+    });
+    vms.poll_disks();
+    if !vms.any_runnable() {
+        x86_64::instructions::interrupts::enable_and_hlt();
+    }
+}
+
 /// Prints lines of background work (migrations, storage) above the prompt, tagged
 /// `[label]`, then redraws the prompt with what the operator was typing.
 fn print_above_prompt(

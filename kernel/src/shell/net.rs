@@ -279,18 +279,7 @@ fn connect_cmd(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     let mut text = words.join(" ");
     text.push('\n');
     let Node { net, vms, .. } = node;
-    // Between two polls: the VM slices (their lines go to the console), or a halt until the
-    // next tick when none is runnable.
-    let mut idle = || {
-        vms.run_slice(&mut |name, bytes| {
-            crate::print!("[{name}] ");
-            crate::serial::write_bytes(bytes);
-            crate::serial::write_bytes(b"\r\n");
-        });
-        if !vms.any_runnable() {
-            x86_64::instructions::interrupts::enable_and_hlt();
-        }
-    };
+    let mut idle = || super::idle(vms);
     let (local, reply) = net
         .send_text(
             ip,

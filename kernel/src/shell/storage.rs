@@ -14,7 +14,7 @@ use ::storage::LunPath;
 use kernel::config::ISCSI_DEFAULT_PORT;
 use kernel::console::shell::CommandError;
 
-use super::Node;
+use super::{idle, Node};
 use crate::storage::attachment::{Outcome, Procedure, Ticket};
 use crate::storage::survey;
 use crate::vm::{DiskSpec, VmSpec};
@@ -29,20 +29,6 @@ const PROCEDURE_TIMEOUT_MS: u64 = 20_000;
 
 fn out_err(_: core::fmt::Error) -> CommandError {
     CommandError::Failed("console write failed".into())
-}
-
-/// Runs the VM slices between two polls (their lines go to the console), or halts until the
-/// next tick when none is runnable.
-fn idle(vms: &mut crate::vm::VmTable) {
-    vms.run_slice(&mut |name, bytes| {
-        crate::print!("[{name}] ");
-        crate::serial::write_bytes(bytes);
-        crate::serial::write_bytes(b"\r\n");
-    });
-    vms.poll_disks();
-    if !vms.any_runnable() {
-        x86_64::instructions::interrupts::enable_and_hlt();
-    }
 }
 
 /// The portal named on the command line, or the node's `iscsi_portal`.
