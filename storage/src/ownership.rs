@@ -464,10 +464,11 @@ mod tests {
     use alloc::vec::Vec;
 
     use super::*;
-    use crate::iscsi::fake_target::{mem_pipe, FakeTarget, MemPipe, TargetConfig};
+    use crate::iscsi::fake_target::{
+        mem_pipe, test_session_config, FakeTarget, MemPipe, TargetConfig,
+    };
     use crate::iscsi::{
-        DiskEvent, Isid, LoginStatus, RegistrationEvent, Session, SessionConfig, TaskError,
-        FENCE_RESERVATION,
+        DiskEvent, LoginStatus, RegistrationEvent, Session, TaskError, FENCE_RESERVATION,
     };
 
     const US: ReservationKey = ReservationKey::for_node("node-a");
@@ -481,23 +482,6 @@ mod tests {
     const OP_CAPACITY: u8 = 0x9E;
     const OP_PR_IN: u8 = 0x5E;
     const OP_PR_OUT: u8 = 0x5F;
-
-    fn config() -> SessionConfig {
-        let mut config = SessionConfig::normal(
-            "iqn.2026-01.test:node-a",
-            "iqn.2026-01.test:disk",
-            Isid::random_type(0x1234, 1),
-        );
-        config.timeouts.login_ms = 1_000;
-        config.timeouts.command_ms = 2_000;
-        config.timeouts.nop_interval_ms = 0;
-        config.timeouts.logout_ms = 500;
-        config.timeouts.stall_ms = 1_000;
-        config.retry.reconnect_delay_ms = 10;
-        config.retry.max_reconnect_delay_ms = 100;
-        config.retry.command_deadline_ms = 20_000;
-        config
-    }
 
     /// The procedures of node A over a disk of the in-memory target.
     struct Rig {
@@ -520,7 +504,11 @@ mod tests {
         fn with_target(target: TargetConfig) -> Rig {
             Rig {
                 procedures: Procedures::new(US),
-                disk: Disk::new(Session::new(config()), 1).unwrap(),
+                disk: Disk::new(
+                    Session::new(test_session_config("iqn.2026-01.test:node-a")),
+                    1,
+                )
+                .unwrap(),
                 target: FakeTarget::new(target),
                 pipe: MemPipe::dead(),
                 now: 0,

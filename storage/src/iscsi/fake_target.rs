@@ -43,6 +43,25 @@ pub struct MemPipe {
     pub send_limit: usize,
 }
 
+/// A session configuration of `initiator` to the fake target's disk with the short timeouts
+/// and reconnect delays the tests use (no NOP pings unless a test turns them on).
+pub fn test_session_config(initiator: &str) -> super::SessionConfig {
+    let mut config = super::SessionConfig::normal(
+        initiator,
+        "iqn.2026-01.test:disk",
+        super::Isid::random_type(0x1234, 1),
+    );
+    config.timeouts.login_ms = 1_000;
+    config.timeouts.command_ms = 2_000;
+    config.timeouts.nop_interval_ms = 0;
+    config.timeouts.logout_ms = 500;
+    config.timeouts.stall_ms = 1_000;
+    config.retry.reconnect_delay_ms = 10;
+    config.retry.max_reconnect_delay_ms = 100;
+    config.retry.command_deadline_ms = 20_000;
+    config
+}
+
 /// A connected pair: the initiator's end, the target's end.
 pub fn mem_pipe() -> (MemPipe, MemPipe) {
     let channel = Rc::new(RefCell::new(Channel::default()));

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use super::chap::{ChapConfig, ChapCredentials};
 use super::discovery;
 use super::disk::{Disk, DiskError, DiskEvent, DiskReply, RegistrationEvent};
-use super::fake_target::{mem_pipe, FakeTarget, MemPipe, TargetConfig};
+use super::fake_target::{mem_pipe, test_session_config, FakeTarget, MemPipe, TargetConfig};
 use super::login::{LoginError, LoginStatus};
 use super::negotiate::DigestPolicy;
 use super::pdus::{Isid, RejectReason, Residual};
@@ -30,16 +30,7 @@ fn lun1() -> Lun {
 }
 
 fn config() -> SessionConfig {
-    let mut config = SessionConfig::normal(INITIATOR, TARGET, Isid::random_type(0x1234, 1));
-    config.timeouts.login_ms = 1_000;
-    config.timeouts.command_ms = 2_000;
-    config.timeouts.nop_interval_ms = 0;
-    config.timeouts.logout_ms = 500;
-    config.timeouts.stall_ms = 1_000;
-    config.retry.reconnect_delay_ms = 10;
-    config.retry.max_reconnect_delay_ms = 100;
-    config.retry.command_deadline_ms = 20_000;
-    config
+    test_session_config(INITIATOR)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
