@@ -28,7 +28,7 @@ use std::vec::Vec;
 
 use core::fmt;
 
-use transport::{Pipe, PipeError, TcpPipe};
+use transport::{ClosedPipe, TcpPipe};
 
 use crate::iscsi::discovery::{self, DiscoveredTarget, DiscoveryError};
 use crate::iscsi::{
@@ -88,20 +88,6 @@ impl From<DiskError> for BlockingError {
             DiskError::Task(TaskError::LoggedOut) => BlockingError::Closed,
             other => BlockingError::Disk(other),
         }
-    }
-}
-
-/// A pipe that is always closed: what the session gets while no TCP connection exists, and
-/// what tells it a connect attempt failed.
-struct ClosedPipe;
-
-impl Pipe for ClosedPipe {
-    fn send(&mut self, _: &[u8]) -> Result<usize, PipeError> {
-        Err(PipeError::Closed)
-    }
-
-    fn recv(&mut self, _: &mut [u8]) -> Result<usize, PipeError> {
-        Err(PipeError::Closed)
     }
 }
 

@@ -46,6 +46,21 @@ pub trait Pipe {
     }
 }
 
+/// A pipe that is always closed: what a protocol is polled with while it has no connection (it
+/// then notices the loss, or that a connect attempt failed, and backs off).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClosedPipe;
+
+impl Pipe for ClosedPipe {
+    fn send(&mut self, _: &[u8]) -> Result<usize, PipeError> {
+        Err(PipeError::Closed)
+    }
+
+    fn recv(&mut self, _: &mut [u8]) -> Result<usize, PipeError> {
+        Err(PipeError::Closed)
+    }
+}
+
 /// Why a pipe can no longer carry bytes. Every variant is final for the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipeError {

@@ -17,7 +17,6 @@ use storage::iscsi::{
 use storage::ownership::{self, Procedures};
 use storage::scsi::ReservationKey;
 use storage::LunPath;
-use transport::{Pipe, PipeError};
 use vmx::devices::virtio::blk::{RequestId, RequestKind, SECTOR_SIZE};
 
 use super::backend::SharedChannel;
@@ -47,19 +46,6 @@ pub struct Attachment {
 
 /// How long a lost connection may last before the console hears of it.
 const LOST_REPORT_MS: u64 = 5_000;
-
-/// A pipe that is always closed: what the session gets while it has no TCP connection.
-pub struct NoConnection;
-
-impl Pipe for NoConnection {
-    fn send(&mut self, _: &[u8]) -> Result<usize, PipeError> {
-        Err(PipeError::Closed)
-    }
-
-    fn recv(&mut self, _: &mut [u8]) -> Result<usize, PipeError> {
-        Err(PipeError::Closed)
-    }
-}
 
 impl Attachment {
     pub fn new(

@@ -30,9 +30,10 @@ use storage::LunPath;
 
 use crate::net::{Net, SocketPipe};
 use crate::vm::BlockBackend;
-use attachment::{Attachment, NoConnection, Outcome, Procedure, Ticket};
+use attachment::{Attachment, Outcome, Procedure, Ticket};
 use backend::{Channel, IscsiBackend};
 use storage::ownership;
+use transport::ClosedPipe;
 
 /// The iSCSI name of a node: one initiator name per node, so the target's ACLs and logs name it.
 pub fn initiator_name(node: &str) -> String {
@@ -382,7 +383,7 @@ impl Storage {
             a.run_procedures(now);
             let events = match a.socket {
                 Some(handle) => a.disk.poll(&mut SocketPipe(stack.tcp_socket(handle)), now),
-                None => a.disk.poll(&mut NoConnection, now),
+                None => a.disk.poll(&mut ClosedPipe, now),
             };
             let lost = events.iter().any(|e| {
                 matches!(

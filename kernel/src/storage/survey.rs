@@ -22,8 +22,8 @@ use storage::scsi::{
 };
 use storage::{Lun, LunPath};
 
-use super::attachment::NoConnection;
 use crate::net::{Net, SocketPipe};
+use transport::ClosedPipe;
 
 /// How long one console request may take in all.
 const DEADLINE_MS: u64 = 15_000;
@@ -84,7 +84,7 @@ impl Probe<'_> {
                 Some(handle) => self
                     .disk
                     .poll(&mut SocketPipe(stack.tcp_socket(handle)), now),
-                None => self.disk.poll(&mut NoConnection, now),
+                None => self.disk.poll(&mut ClosedPipe, now),
             };
             for event in events {
                 match event {
