@@ -23,12 +23,14 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use ::net::addr::Endpoint;
+use ::net::smoltcp::iface::SocketHandle;
+use ::net::stack::{ConnectError, Stack};
 use spin::Mutex;
-use storage::iscsi::{Disk, Isid, Session, SessionConfig, SessionState};
+use storage::iscsi::{Disk, DiskEvent, Isid, Session, SessionConfig, SessionEvent, SessionState};
 use storage::scsi::ReservationKey;
 use storage::LunPath;
 
-use crate::net::{Net, SocketPipe};
+use crate::net::{Net, Nic, SocketPipe};
 use crate::vm::BlockBackend;
 use attachment::{Attachment, Outcome, Procedure, Ticket};
 use backend::{Channel, IscsiBackend};
@@ -369,39 +371,14 @@ impl Storage {
         };
         let now = crate::clock::uptime_ms();
         for a in &mut self.attachments {
-            if a.disk.session().needs_connection(now) {
-                if let Some(old) = a.socket.take() {
-                    stack.tcp_release(old);
-                }
-                match stack.tcp_connect(a.portal.addr, a.portal.port) {
-                    Ok(handle) => a.socket = Some(handle),
-                    Err(e) => log::warn!("storage: {}: connecting: {e}", a.path),
-                }
-                a.disk.session_mut().connection_opened(now);
-            }
             a.issue_guest_requests(now);
             a.run_procedures(now);
-            let events = match a.socket {
-                Some(handle) => a.disk.poll(&mut SocketPipe(stack.tcp_socket(handle)), now),
-                None => a.disk.poll(&mut ClosedPipe, now),
-            };
-            let lost = events.iter().any(|e| {
-                matches!(
-                    e,
-                    storage::iscsi::DiskEvent::Session(
-                        storage::iscsi::SessionEvent::ConnectionLost(_)
-                            | storage::iscsi::SessionEvent::LoggedOut { .. }
-                            | storage::iscsi::SessionEvent::Failed(_)
-                    )
-                )
-            });
+            let (events, refused) = poll_over_tcp(&mut a.disk, &mut a.socket, stack, a.portal, now);
+            if let Some(e) = refused {
+                log::warn!("storage: {}: connecting: {e}", a.path);
+            }
             lines.extend(a.absorb(events, now));
             lines.extend(a.check_reachable(now));
-            if lost {
-                if let Some(old) = a.socket.take() {
-                    stack.tcp_release(old);
-                }
-            }
             // Procedures whose step finished in this poll go on at once.
             a.run_procedures(now);
             busy |= a.busy();
@@ -424,4 +401,49 @@ impl Storage {
         busy |= !self.background.is_empty();
         (lines, busy)
     }
+}
+
+/// One poll of `disk` over its own TCP connection to `portal` on the storage network: when the
+/// session asks for a new connection the old socket goes and a new one is opened first, and a
+/// socket whose connection ended (lost, logged out, failed) is released after the poll.
+/// Returns the events, and why no connection could be opened (the session then sees a closed
+/// pipe, counts a failed attempt and backs off).
+fn poll_over_tcp(
+    disk: &mut Disk,
+    socket: &mut Option<SocketHandle>,
+    stack: &mut Stack<Nic>,
+    portal: Endpoint,
+    now: u64,
+) -> (Vec<DiskEvent>, Option<ConnectError>) {
+    let mut refused = None;
+    if disk.session().needs_connection(now) {
+        if let Some(old) = socket.take() {
+            stack.tcp_release(old);
+        }
+        match stack.tcp_connect(portal.addr, portal.port) {
+            Ok(handle) => *socket = Some(handle),
+            Err(e) => refused = Some(e),
+        }
+        disk.session_mut().connection_opened(now);
+    }
+    let events = match *socket {
+        Some(handle) => disk.poll(&mut SocketPipe(stack.tcp_socket(handle)), now),
+        None => disk.poll(&mut ClosedPipe, now),
+    };
+    let ended = events.iter().any(|e| {
+        matches!(
+            e,
+            DiskEvent::Session(
+                SessionEvent::ConnectionLost(_)
+                    | SessionEvent::LoggedOut { .. }
+                    | SessionEvent::Failed(_)
+            )
+        )
+    });
+    if ended {
+        if let Some(old) = socket.take() {
+            stack.tcp_release(old);
+        }
+    }
+    (events, refused)
 }

@@ -23,7 +23,6 @@ use storage::scsi::{
 use storage::{Lun, LunPath};
 
 use crate::net::{Net, SocketPipe};
-use transport::ClosedPipe;
 
 /// How long one console request may take in all.
 const DEADLINE_MS: u64 = 15_000;
@@ -70,22 +69,11 @@ impl Probe<'_> {
                 .net
                 .storage_stack()
                 .ok_or_else(|| "this node has no storage network interface".to_string())?;
-            if self.disk.session().needs_connection(now) {
-                if let Some(old) = self.socket.take() {
-                    stack.tcp_release(old);
-                }
-                self.socket = stack
-                    .tcp_connect(self.portal.addr, self.portal.port)
-                    .map_err(|e| format!("connecting to {}: {e}", self.portal))
-                    .map(Some)?;
-                self.disk.session_mut().connection_opened(now);
+            let (events, refused) =
+                super::poll_over_tcp(&mut self.disk, &mut self.socket, stack, self.portal, now);
+            if let Some(e) = refused {
+                return Err(format!("connecting to {}: {e}", self.portal));
             }
-            let events = match self.socket {
-                Some(handle) => self
-                    .disk
-                    .poll(&mut SocketPipe(stack.tcp_socket(handle)), now),
-                None => self.disk.poll(&mut ClosedPipe, now),
-            };
             for event in events {
                 match event {
                     DiskEvent::Session(SessionEvent::Completed(done)) if done.task == task => {
@@ -93,9 +81,6 @@ impl Probe<'_> {
                     }
                     DiskEvent::Session(SessionEvent::ConnectionLost(e)) => {
                         log::debug!("storage: {}: connection lost: {e}", self.portal);
-                        if let Some(old) = self.socket.take() {
-                            stack.tcp_release(old);
-                        }
                     }
                     _ => {}
                 }
