@@ -51,7 +51,8 @@ use storage::iscsi::{
 use storage::scsi::{CommandError, ReservationKey};
 use transport::{Pipe, PipeError, TcpPipe};
 
-use tests::{Cluster, ClusterOptions, Console};
+use tests::guest_disk::{cmd, guest_line, wait_disk_writes};
+use tests::{Cluster, ClusterOptions};
 
 /// Bound on waiting for one guest line.
 const GUEST_LINE: Duration = Duration::from_secs(60);
@@ -693,47 +694,6 @@ fn host_reference(portal: SocketAddr, iqn: &str) -> Result<HostRun, String> {
 // The guest
 // ---------------------------------------------------------------------------------------------
 
-/// Runs a command amid guest output; returns its output.
-fn cmd(console: &mut Console, line: &str) -> String {
-    console
-        .command_amid_output(line)
-        .unwrap_or_else(|e| panic!("command {line:?}: {e:?}"))
-        .1
-}
-
-/// Waits for `[vm] <prefix>` and returns the rest of that line.
-fn guest_line(console: &mut Console, vm: &str, prefix: &str) -> String {
-    console
-        .expect(&format!("[{vm}] {prefix}"), GUEST_LINE)
-        .unwrap_or_else(|e| panic!("waiting for [{vm}] {prefix}: {e:?}"));
-    let rest = console.expect("\n", GUEST_LINE).unwrap();
-    rest.trim_end_matches(['\r', '\n']).to_string()
-}
-
-/// Waits until g1's heartbeat reports at least `min` acknowledged disk writes.
-fn wait_disk_writes(console: &mut Console, min: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = guest_line(console, "g1", "heartbeat ");
-        assert!(
-            line.split_whitespace().nth(1) == Some("ok"),
-            "[g1] heartbeat {line}"
-        );
-        let writes = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("writes="))
-            .and_then(|w| w.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("[g1] heartbeat {line}: no disk part"));
-        if writes >= min {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "[g1] only {writes} disk writes acknowledged after 120 s"
-        );
-    }
-}
-
 /// The `disk=` value: the shared LUN, or what HV_DISK_BENCH_DISK says.
 fn disk_option(iqn: &str) -> (String, bool) {
     match std::env::var(DISK_ENV) {
@@ -792,7 +752,7 @@ fn disk_benchmark() {
         disk_line.starts_with("virtio-blk "),
         "[g1] disk: {disk_line}"
     );
-    wait_disk_writes(c, 20);
+    wait_disk_writes(c, "g1", 20);
     let show = cmd(c, "vm show g1");
     let guest_disk = show
         .lines()
