@@ -112,8 +112,8 @@ impl Pipe for Replay<'_> {
 
 fn peer_hello() -> Message {
     Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: crate::frame::PROTOCOL_VERSION,
+        max_version: crate::frame::PROTOCOL_VERSION,
         node_name: "node2".to_string(),
         capabilities: Capabilities::KNOWN,
         cpu_vendor: CpuVendor::Intel,
@@ -166,7 +166,7 @@ fn receive_pass(stream: &[u8], host: &mut Host) -> f64 {
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / PAGES as f64;
-    assert!(destination.failure().is_none());
+    assert!(destination.failure().is_none(), "{:?}", destination.failure());
     assert_eq!(destination.pages_received(), PAGES as u64);
     ns
 }

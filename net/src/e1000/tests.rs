@@ -49,17 +49,28 @@ fn recv(nic: &mut Nic) -> Option<Vec<u8>> {
     Some(rx.consume(|b| b.to_vec()))
 }
 
+/// A regression test: a full window of our TCP sockets, sent while the node sleeps until its
+/// next tick, overran a 256-descriptor ring and stalled transfers for smoltcp's 1 s
+/// retransmission timeout. The ring must hold a whole window of full-sized segments with room
+/// to spare for other traffic.
+#[test]
+fn the_receive_ring_holds_a_whole_tcp_window() {
+    const SEGMENT: usize = 1460;
+    let window_frames = crate::bench::BUFFER.div_ceil(SEGMENT);
+    assert!(DEFAULT_RX_RING_LEN >= 2 * window_frames);
+}
+
 #[test]
 fn start_up_programs_the_device() {
     let (model, nic) = start(E1000Config::default());
     assert_eq!(nic.mac(), MAC);
     assert_eq!(nic.mac_source(), MacSource::Registers);
-    assert_eq!(nic.ring_sizes(), (256, 256));
+    assert_eq!(nic.ring_sizes(), (DEFAULT_RX_RING_LEN, DEFAULT_RING_LEN));
     assert!(nic.link_up());
     let m = model.borrow();
     assert_eq!(m.reg(regs::RDBAL), 0x10_0000);
-    assert_eq!(m.reg(regs::RDLEN), 256 * 16);
-    assert_eq!(m.reg(regs::RDT), 255);
+    assert_eq!(m.reg(regs::RDLEN), DEFAULT_RX_RING_LEN as u32 * 16);
+    assert_eq!(m.reg(regs::RDT), DEFAULT_RX_RING_LEN as u32 - 1);
     assert_eq!(m.reg(regs::TDBAL), 0x80_0000);
     assert_eq!((m.reg(regs::TDH), m.reg(regs::TDT)), (0, 0));
     let rctl = m.reg(regs::RCTL);
@@ -72,8 +83,9 @@ fn start_up_programs_the_device() {
     assert_eq!(m.reg(regs::IMS), 0, "interrupts stay masked");
     // Receive descriptors point at their buffers, after the descriptor array.
     let rx = &m.memory[0];
-    assert_eq!(rx.read_u64(0), 0x10_0000 + 256 * 16);
-    assert_eq!(rx.read_u64(16), 0x10_0000 + 256 * 16 + 2048);
+    let buffers = 0x10_0000 + DEFAULT_RX_RING_LEN as u64 * 16;
+    assert_eq!(rx.read_u64(0), buffers);
+    assert_eq!(rx.read_u64(16), buffers + 2048);
     assert_eq!(rx.read_u64(8), 0);
 }
 
@@ -136,7 +148,7 @@ fn start_up_failures_are_errors() {
     assert_eq!(
         E1000::new(regs.clone(), rx.clone(), tx.clone(), E1000Config::default()).err(),
         Some(E1000Error::RegionTooSmall {
-            need: region_bytes(256),
+            need: region_bytes(DEFAULT_RX_RING_LEN),
             have: region_bytes(8)
         })
     );
