@@ -8,6 +8,8 @@
 #![no_main]
 
 extern crate alloc;
+// Links the kernel's memcpy, memmove and memset (see the crate's docs for why).
+extern crate memops;
 
 mod arch;
 mod clock;
