@@ -31,7 +31,7 @@ use alloc::vec::Vec;
 use crate::machine::{version_compatible, Failure, GuestError, Output, Timeouts};
 use crate::message::{
     decompress_page_into, AbortReason, Capabilities, ConfigReply, CpuVendor, Hello, Message,
-    MessageError, PageBatch, PageEncoding, RefuseReason, VmConfig, PAGE_SIZE, ZERO_PAGE,
+    MessageError, PageBatchView, PageData, RefuseReason, VmConfig, PAGE_SIZE, ZERO_PAGE,
 };
 
 /// The destination's view of the VM it builds.
@@ -257,9 +257,13 @@ impl Destination {
                     }
                 }
             }
-            (DestinationState::Receiving | DestinationState::Final, Message::PageBatch(batch)) => {
-                self.write_batch(&batch, host)?;
-                self.deadline = Some(now.saturating_add(self.config.timeouts.idle_us));
+            (_, Message::PageBatch(batch)) => {
+                self.receive_pages(
+                    now,
+                    batch.round,
+                    batch.entries.iter().map(|e| (e.page, e.data())),
+                    host,
+                )?;
             }
             (DestinationState::Receiving, Message::RoundMarker(marker)) => {
                 if marker.round != self.round {
@@ -316,49 +320,78 @@ impl Destination {
         Ok(())
     }
 
-    fn write_batch(
+    /// Handles a page batch read in place from the received frame (see
+    /// [`crate::link::FrameLink::next_incoming`]): the same as [`on_message`](Self::on_message)
+    /// with the decoded batch, without copying the pages out of the frame first.
+    pub fn on_page_batch(
         &mut self,
-        batch: &PageBatch,
+        now: u64,
+        batch: &PageBatchView<'_>,
+        host: &mut impl DestinationHost,
+    ) {
+        if matches!(
+            self.state,
+            DestinationState::Done | DestinationState::Failed
+        ) {
+            return;
+        }
+        if let Err((reason, text)) = self.receive_pages(now, batch.round, batch.pages(), host) {
+            self.abort(reason, text, false);
+        }
+    }
+
+    /// Writes the pages of a batch of `round` into the VM, if the state takes pages.
+    fn receive_pages<'a>(
+        &mut self,
+        now: u64,
+        round: u32,
+        pages: impl Iterator<Item = (u64, PageData<'a>)>,
         host: &mut impl DestinationHost,
     ) -> Result<(), (AbortReason, String)> {
-        if batch.round != self.round {
+        if !matches!(
+            self.state,
+            DestinationState::Receiving | DestinationState::Final
+        ) {
             return Err((
                 AbortReason::ProtocolError,
-                alloc::format!(
-                    "page batch of round {} in round {}",
-                    batch.round,
-                    self.round
-                ),
+                alloc::format!("unexpected PageBatch in state {:?}", self.state),
             ));
         }
-        let pages = self
+        if round != self.round {
+            return Err((
+                AbortReason::ProtocolError,
+                alloc::format!("page batch of round {round} in round {}", self.round),
+            ));
+        }
+        let limit = self
             .vm
             .as_ref()
             .map_or(0, |vm| vm.mem_bytes / PAGE_SIZE as u64);
-        // Raw pages are written from the decoded message and zero pages from one static page,
-        // with no copy in between; compressed pages are decoded into one buffer per batch.
+        // Raw pages are written from where they lie and zero pages from one static page, with no
+        // copy in between; compressed pages are decoded into one buffer per batch.
         let mut scratch: Option<Box<[u8; PAGE_SIZE]>> = None;
-        for entry in &batch.entries {
-            if entry.page >= pages {
+        for (page, encoded) in pages {
+            if page >= limit {
                 return Err((
                     AbortReason::ProtocolError,
-                    alloc::format!("page {} beyond the VM's {pages} pages", entry.page),
+                    alloc::format!("page {page} beyond the VM's {limit} pages"),
                 ));
             }
-            let data: &[u8; PAGE_SIZE] = match &entry.encoding {
-                PageEncoding::Raw(bytes) => bytes,
-                PageEncoding::Zero => &ZERO_PAGE,
-                PageEncoding::Compressed(bytes) => {
-                    let page = scratch.get_or_insert_with(|| Box::new([0; PAGE_SIZE]));
-                    decompress_page_into(bytes, page)
+            let data: &[u8; PAGE_SIZE] = match encoded {
+                PageData::Raw(bytes) => bytes,
+                PageData::Zero => &ZERO_PAGE,
+                PageData::Compressed(bytes) => {
+                    let buffer = scratch.get_or_insert_with(|| Box::new([0; PAGE_SIZE]));
+                    decompress_page_into(bytes, buffer)
                         .map_err(|e| (AbortReason::ProtocolError, alloc::format!("{e}")))?;
-                    page
+                    buffer
                 }
             };
-            host.write_page(entry.page, data)
+            host.write_page(page, data)
                 .map_err(|e| (AbortReason::LocalFailure, alloc::format!("{e}")))?;
             self.pages_received += 1;
         }
+        self.deadline = Some(now.saturating_add(self.config.timeouts.idle_us));
         Ok(())
     }
 
@@ -395,7 +428,7 @@ impl Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{PageEncoding, PageEntry, RoundMarker};
+    use crate::message::{PageBatch, PageEncoding, PageEntry, RoundMarker};
     use alloc::boxed::Box;
 
     #[derive(Default)]
@@ -494,6 +527,41 @@ mod tests {
         let out = drain(&mut d);
         assert_eq!(out.len(), 1);
         assert!(is_abort(&out[0], AbortReason::ProtocolError));
+    }
+
+    /// A batch read in place is handled exactly like the same batch decoded: same pages
+    /// written, same refusals (wrong round, page beyond memory, wrong state).
+    #[test]
+    fn page_batches_read_in_place_behave_like_decoded_ones() {
+        let payload = |round: u32, page: u64| {
+            let message = Message::PageBatch(PageBatch {
+                round,
+                entries: vec![PageEntry {
+                    page,
+                    encoding: PageEncoding::Raw(Box::new([1; PAGE_SIZE])),
+                }],
+            });
+            let mut frame = Vec::new();
+            message.encode(&mut frame).unwrap();
+            frame[crate::frame::HEADER_LEN..].to_vec()
+        };
+        let good = payload(1, 3);
+        let mut host = Host::default();
+        let mut d = receiving(&mut host);
+        d.on_page_batch(1, &PageBatchView::parse(&good).unwrap(), &mut host);
+        assert_eq!(d.pages_received(), 1);
+        assert_eq!(d.state(), DestinationState::Receiving);
+        for bad in [payload(2, 0), payload(1, 4)] {
+            let mut host = Host::default();
+            let mut d = receiving(&mut host);
+            d.on_page_batch(1, &PageBatchView::parse(&bad).unwrap(), &mut host);
+            assert_eq!(d.state(), DestinationState::Failed);
+            assert!(is_abort(&drain(&mut d)[0], AbortReason::ProtocolError));
+        }
+        // Before the VM configuration, pages are out of order.
+        let mut d = Destination::new(config(), 0).unwrap();
+        d.on_page_batch(0, &PageBatchView::parse(&good).unwrap(), &mut host);
+        assert_eq!(d.state(), DestinationState::Failed);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::destination::{Destination, DestinationAction, DestinationHost, DestinationState};
-use crate::link::{FrameLink, Pipe, PipeError};
+use crate::link::{FrameLink, Incoming, Pipe, PipeError};
 use crate::machine::Output;
 use crate::message::{AbortReason, Message, MessageError};
 use crate::source::{Source, SourceAction, SourceGuest, SourceState};
@@ -113,13 +113,21 @@ impl Connection {
 
     /// The next decoded message, or the text of a stream error (returned once).
     fn next_message(&mut self) -> Result<Option<Message>, alloc::string::String> {
+        Ok(self.next_incoming()?.map(Incoming::into_message))
+    }
+
+    /// Like `next_message`, with page batches read in place.
+    fn next_incoming(&mut self) -> Result<Option<Incoming<'_>>, alloc::string::String> {
         if self.stream_failed {
             return Ok(None);
         }
-        self.link.next_message().map_err(|e| {
-            self.stream_failed = true;
-            format!("undecodable stream from the peer: {e}")
-        })
+        match self.link.next_incoming() {
+            Ok(incoming) => Ok(incoming),
+            Err(e) => {
+                self.stream_failed = true;
+                Err(format!("undecodable stream from the peer: {e}"))
+            }
+        }
     }
 
     /// Queues a message unless the connection is gone (then there is nowhere to send it).
@@ -369,8 +377,12 @@ impl DestinationDriver {
     ) -> Vec<DestinationAction> {
         let pipe_failure = self.conn.receive(pipe);
         loop {
-            match self.conn.next_message() {
-                Ok(Some(message)) => {
+            match self.conn.next_incoming() {
+                Ok(Some(Incoming::Pages(batch))) => {
+                    self.destination.on_page_batch(now, &batch, host);
+                    self.drain();
+                }
+                Ok(Some(Incoming::Message(message))) => {
                     self.destination.on_message(now, message, host);
                     self.drain();
                 }

@@ -1,7 +1,7 @@
 //! `migrate`: moves a running VM from one node to another.
 //!
 //! Layers, bottom up:
-//! - [`crc32c`] and [`frame`]: cut a byte stream into checked, typed frames;
+//! - [`frame`]: cut a byte stream into checked (XXH64), typed frames;
 //! - [`message`]: the protocol's messages, one per frame kind, with strict decoding, and the
 //!   per-page encodings (raw, zero marker, run-length compressed);
 //! - [`policy`]: the convergence policy (downtime target, round cap, auto-converge throttle);
@@ -27,7 +27,6 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
-pub mod crc32c;
 pub mod destination;
 pub mod digest;
 pub mod driver;

@@ -8,8 +8,8 @@
 
 use core::fmt;
 
-use crate::frame::{FrameDecoder, FrameError};
-use crate::message::{Message, MessageError};
+use crate::frame::{FrameDecoder, FrameError, FrameKind};
+use crate::message::{Message, MessageError, PageBatchView};
 use transport::OutQueue;
 
 /// Most bytes [`FrameLink::receive`] pulls from the pipe in one call. A peer sending faster than
@@ -137,14 +137,23 @@ impl FrameLink {
 
     /// The next complete message received: `Ok(None)` when more bytes are needed.
     pub fn next_message(&mut self) -> Result<Option<Message>, LinkError> {
+        Ok(self.next_incoming()?.map(Incoming::into_message))
+    }
+
+    /// Like [`next_message`](Self::next_message), with a page batch left where it lies in the
+    /// receive buffer (see [`PageBatchView`]) instead of decoded into page-sized allocations.
+    pub fn next_incoming(&mut self) -> Result<Option<Incoming<'_>>, LinkError> {
         if let Some(error) = &self.failure {
             return Err(error.clone());
         }
-        // The payload is decoded where it lies in the decoder's buffer.
+        // Every payload is decoded where it lies in the decoder's buffer.
         let result = match self.decoder.next_payload() {
-            Ok(None) => return Ok(None),
+            Ok(None) => Ok(None),
+            Ok(Some((FrameKind::PageBatch, payload))) => PageBatchView::parse(payload)
+                .map(|view| Some(Incoming::Pages(view)))
+                .map_err(LinkError::from),
             Ok(Some((kind, payload))) => Message::decode_payload(kind, payload)
-                .map(Some)
+                .map(|m| Some(Incoming::Message(m)))
                 .map_err(LinkError::from),
             Err(error) => Err(LinkError::from(error)),
         };
@@ -152,6 +161,25 @@ impl FrameLink {
             self.failure = Some(error.clone());
         }
         result
+    }
+}
+
+/// A received frame, as [`FrameLink::next_incoming`] gives it.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// A page batch, read in place.
+    Pages(PageBatchView<'a>),
+    /// Any other message, decoded.
+    Message(Message),
+}
+
+impl Incoming<'_> {
+    /// The frame as an owned message.
+    pub fn into_message(self) -> Message {
+        match self {
+            Incoming::Pages(view) => Message::PageBatch(view.to_batch()),
+            Incoming::Message(message) => message,
+        }
     }
 }
 

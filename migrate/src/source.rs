@@ -747,7 +747,7 @@ mod tests {
     fn peer_hello() -> Message {
         Message::Hello(Hello {
             min_version: crate::frame::PROTOCOL_VERSION,
-            max_version: 2,
+            max_version: crate::frame::PROTOCOL_VERSION,
             node_name: "node2".to_string(),
             capabilities: Capabilities::KNOWN,
             cpu_vendor: CpuVendor::Intel,
@@ -794,8 +794,8 @@ mod tests {
         s.on_message(
             1,
             Message::Hello(Hello {
-                min_version: 3,
-                max_version: 4,
+                min_version: crate::frame::PROTOCOL_VERSION + 1,
+                max_version: crate::frame::PROTOCOL_VERSION + 2,
                 node_name: String::new(),
                 capabilities: Capabilities::KNOWN,
                 cpu_vendor: CpuVendor::Intel,
