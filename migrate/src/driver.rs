@@ -234,6 +234,8 @@ impl SourceDriver {
     pub fn flush(&mut self, now: u64, pipe: &mut impl Pipe) -> Vec<SourceAction> {
         if let Some(failure) = self.conn.flush(now, pipe) {
             self.transport_failed(now, failure);
+        } else if self.conn.link.queued() == 0 {
+            self.source.on_final_sent(now);
         }
         core::mem::take(&mut self.actions)
     }
@@ -717,6 +719,11 @@ mod tests {
                 check(&run, Fault::None);
                 assert_eq!(run.source.source().state(), SourceState::Done);
                 assert!(run.source.transport_failure().is_none());
+                // Over a slow link the commit leaves after the pause and before the ack.
+                let s = run.source.source().summary();
+                let (paused, sent) = (s.paused_us.unwrap(), s.final_sent_us.unwrap());
+                assert!(paused <= sent && sent <= s.finished_us.unwrap());
+                assert!(s.send_downtime_us() <= s.downtime_us());
                 // Backpressure held: at most one batch past the high-water mark.
                 let batch = BATCH_PAGES * (PAGE_SIZE + 16) + 64;
                 assert!(

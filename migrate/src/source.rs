@@ -150,6 +150,9 @@ pub struct Summary {
     pub copy_started_us: Option<u64>,
     /// When the VM was paused, if it was.
     pub paused_us: Option<u64>,
+    /// When the last byte of the switchover (the commit) was handed to the transport: the end
+    /// of the pause as QEMU counts it (see [`Summary::send_downtime_us`]).
+    pub final_sent_us: Option<u64>,
     /// When the migration ended (done or failed).
     pub finished_us: Option<u64>,
     /// Frame bytes of page batches, markers and state sent.
@@ -167,9 +170,18 @@ impl Summary {
         u64::try_from(u128::from(self.bytes_sent) * 1_000_000 / u128::from(us)).ok()
     }
 
-    /// The pause the guest saw, once the migration ended after pausing.
+    /// The pause the guest saw, once the migration ended after pausing: from the pause until
+    /// the destination acknowledged the commit (it resumes the VM before acknowledging).
     pub fn downtime_us(&self) -> Option<u64> {
         Some(self.finished_us?.saturating_sub(self.paused_us?))
+    }
+
+    /// The pause as QEMU reports its `downtime`: from the pause until the last byte of the final
+    /// state was handed to the transport, leaving out the transit, the destination's loading and
+    /// resume and the acknowledgement that [`downtime_us`](Self::downtime_us) includes. Only for
+    /// comparing like with like.
+    pub fn send_downtime_us(&self) -> Option<u64> {
+        Some(self.final_sent_us?.saturating_sub(self.paused_us?))
     }
 }
 
@@ -423,6 +435,14 @@ impl Source {
                 );
             }
             _ => {}
+        }
+    }
+
+    /// Everything queued so far, the commit included, was handed to the transport: records the
+    /// end of the pause as QEMU counts it ([`Summary::send_downtime_us`]), once.
+    pub fn on_final_sent(&mut self, now: u64) {
+        if self.state == SourceState::AwaitCommitAck && self.summary.final_sent_us.is_none() {
+            self.summary.final_sent_us = Some(now);
         }
     }
 

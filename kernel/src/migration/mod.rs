@@ -563,11 +563,12 @@ impl Migrations {
         match source.state() {
             SourceState::Done => {
                 lines.push(format!(
-                    "migration of {} to {} completed: total {}, downtime {}, {} on the wire ({} while copying), {} rounds, pages raw {} zero {} compressed {}",
+                    "migration of {} to {} completed: total {}, downtime {} ({} until the last byte was sent), {} on the wire ({} while copying), {} rounds, pages raw {} zero {} compressed {}",
                     out.vm,
                     out.peer,
                     Ms(total),
                     Ms(s.downtime_us().unwrap_or(0)),
+                    Ms(s.send_downtime_us().unwrap_or(0)),
                     Mb(s.bytes_sent),
                     Rate {
                         bytes: s.stream_bytes_per_sec().unwrap_or(0),
