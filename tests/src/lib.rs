@@ -198,6 +198,11 @@ fn err<T>(msg: impl Into<String>) -> Result<T, HarnessError> {
     Err(HarnessError(msg.into()))
 }
 
+/// The migration benchmarks' hot set: the pages a dirtying guest rewrites, the same for our test
+/// guest (`vm create ... hot=`) and QEMU's reference Linux guest (the file it rewrites), so both
+/// benchmarks run the same workload. 12 MiB: what the Linux guest's free memory allows.
+pub const BENCH_DIRTY_HOT_PAGES: u64 = 3072;
+
 /// The workspace root (where qemu-run.sh lives).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -563,7 +563,7 @@ impl Migrations {
         match source.state() {
             SourceState::Done => {
                 lines.push(format!(
-                    "migration of {} to {} completed: total {}, downtime {} ({} until the last byte was sent), {} on the wire ({} while copying), {} rounds, pages raw {} zero {} compressed {}",
+                    "migration of {} to {} completed: total {}, downtime {} ({} until the last byte was sent), {} on the wire ({} while copying), {} rounds, throttle {}%, pages raw {} zero {} compressed {}",
                     out.vm,
                     out.peer,
                     Ms(total),
@@ -575,6 +575,7 @@ impl Migrations {
                         us: 1_000_000
                     },
                     s.rounds,
+                    source.policy().throttle(),
                     s.pages_raw,
                     s.pages_zero,
                     s.pages_compressed
