@@ -202,6 +202,7 @@ fn parse_create(
         name: name.into(),
         mem_mib: DEFAULT_MEM_MIB,
         dirty_pages_per_sec: 0,
+        hot_pages: 0,
         tracking: DirtyTracking::DirtyBits,
         mac: default_mac(node, name),
     };
