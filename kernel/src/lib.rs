@@ -25,3 +25,4 @@ pub mod console;
 pub mod elf;
 pub mod frames;
 pub mod guest_clock;
+pub mod guest_workload;

@@ -16,7 +16,9 @@
 //! ignored).
 //!
 //! What the node prints that these tests rely on:
-//! - guest lines `[g1] test guest: 16 MiB, 3069 data pages at 0x403000, dirty 0 pages/s`,
+//! - guest lines `[g1] test guest: 16 MiB, 3069 data pages at 0x403000, dirty 0 pages/s over
+//!   3069 pages` (its hot set; a hot set larger than the data pages adds
+//!   ` (hot=N is more than the data pages: all of them)`),
 //!   `[g1] ready image=0x100000-0x104100 stack=0xf0000-0x100000 versions=0x400000`,
 //!   `[g1] heartbeat N ok` (once a second), `[g1] verify ok pages=N hash=0x.. cycles=C`;
 //! - `vm dirty g1 harvest`: `vm g1: N dirty pages: 0x1-0x3 0xff ...` (guest page numbers);
@@ -111,9 +113,12 @@ struct GuestLayout {
     image: (u64, u64),
     stack: (u64, u64),
     versions_gpa: u64,
+    /// The data pages its dirty workload cycles over, from data page 0.
+    hot_pages: u64,
 }
 
-/// `16 MiB, 3069 data pages at 0x403000, dirty 0 pages/s` (after `test guest: `) and
+/// `16 MiB, 3069 data pages at 0x403000, dirty 0 pages/s over 3069 pages` (after
+/// `test guest: `) and
 /// `image=0x100000-0x104100 stack=0xf0000-0x100000 versions=0x400000` (after `ready `).
 fn parse_layout(boot: &str, ready: &str) -> Option<GuestLayout> {
     let words: Vec<&str> = boot.split_whitespace().collect();
@@ -122,6 +127,8 @@ fn parse_layout(boot: &str, ready: &str) -> Option<GuestLayout> {
     let data_pages = parse_num(words.get(pages_at.checked_sub(1)?)?)?;
     let at = words.iter().position(|w| *w == "at")?;
     let data_gpa = parse_num(words.get(at + 1)?)?;
+    let over = words.iter().position(|w| *w == "over")?;
+    let hot_pages = parse_num(words.get(over + 1)?)?;
     Some(GuestLayout {
         mem_mib,
         data_pages,
@@ -129,6 +136,7 @@ fn parse_layout(boot: &str, ready: &str) -> Option<GuestLayout> {
         image: parse_range(field(ready, "image")?)?,
         stack: parse_range(field(ready, "stack")?)?,
         versions_gpa: parse_num(field(ready, "versions")?)?,
+        hot_pages,
     })
 }
 
@@ -567,6 +575,11 @@ fn vm_commands_refuse_clearly(host: Host) {
         ("vm create g2 vcpus=2", "vCPU"),
         ("vm create g2 color=red", "unknown option"),
         ("vm create g2 mem=lots", "mem"),
+        (
+            "vm create g2 hot=many",
+            "hot must be a number of data pages",
+        ),
+        ("vm create g2 hot=-1", "hot must be a number of data pages"),
         ("vm create g2 track=magic", "track"),
         ("vm create g2 16", "key=value"),
         ("vm frobnicate g1", "frobnicate"),
@@ -702,6 +715,111 @@ fn dirty_tracking_is_exact(host: Host, track: &str) {
     );
     // The guest is intact and alive.
     guest_verify(console, "g1");
+    cluster.stop().unwrap();
+}
+
+/// Pages reported in a harvest, as hex for a failure message.
+fn hex_pages<'a>(pages: impl Iterator<Item = &'a u64>) -> Vec<String> {
+    pages.map(|p| format!("{p:#x}")).collect()
+}
+
+/// A guest with a hot set (`hot=512`) rewrites only its first 512 data pages, all of them, at
+/// its dirty rate: a harvest over a few seconds reports those pages and their version-table
+/// page, besides what its own code touches (page tables, stack, image), and no other data
+/// page; every page still verifies (the cold ones keep their first version). A hot set larger
+/// than the data pages becomes all of them, and the guest and `vm show` say so.
+fn hot_set_bounds_the_dirty_pages(host: Host) {
+    const HOT: u64 = 512;
+    let mut cluster = host.start();
+    let console = cluster.console(1);
+    let layout = boot_vm(console, "g1", &format!("mem=16 dirty=20000 hot={HOT}"));
+    assert_eq!(layout.hot_pages, HOT, "{layout:?}");
+    let show = cmd(console, "vm show g1");
+    assert!(
+        show.contains(&format!(
+            "dirty rate 20000 pages/s over data pages 0..{HOT} ({HOT} of {})",
+            layout.data_pages
+        )),
+        "{show}"
+    );
+    // Past the boot, which wrote every page once.
+    wait_heartbeats(console, &["g1"], 1);
+
+    let data_first = layout.data_gpa / 4096;
+    let data = data_first..data_first + layout.data_pages;
+    let hot: BTreeSet<u64> = (data_first..data_first + HOT).collect();
+    let hot_versions: BTreeSet<u64> = (0..HOT)
+        .map(|i| (layout.versions_gpa + 4 * i) / 4096)
+        .collect();
+    // The guest's own activity (as in dirty_tracking_is_exact): its page tables, stack, image.
+    let mut own: BTreeSet<u64> = (0x1..=0x7).collect();
+    own.extend(pages_of(layout.stack.0, layout.stack.1));
+    own.extend(pages_of(layout.image.0, layout.image.1));
+
+    ok(console, "vm dirty g1 reset", "dirty log reset");
+    // Two seconds at 20000 pages/s: the 512 hot pages come round about 80 times.
+    wait_heartbeats(console, &["g1"], 2);
+    let out = cmd(console, "vm dirty g1 harvest");
+    let (n, pages) = parse_harvest(&out, "g1");
+    eprintln!("{host:?} hot={HOT}: harvest: {}", out.trim());
+    assert_eq!(n, pages.len() as u64, "count and list disagree:\n{out}");
+    let missed = hex_pages(hot.difference(&pages));
+    assert!(
+        missed.is_empty(),
+        "{host:?}: hot pages the guest should have rewritten, not reported: {missed:?}\n{out}"
+    );
+    let cold = hex_pages(
+        pages
+            .iter()
+            .filter(|p| data.contains(p) && !hot.contains(p)),
+    );
+    assert!(
+        cold.is_empty(),
+        "{host:?}: data pages outside the hot set were written: {cold:?}\n{out}"
+    );
+    let unexplained = hex_pages(
+        pages
+            .iter()
+            .filter(|p| !data.contains(p) && !hot_versions.contains(p) && !own.contains(p)),
+    );
+    assert!(
+        unexplained.is_empty(),
+        "{host:?}: pages reported that neither the hot set, its versions nor the guest's own \
+         code account for: {unexplained:?}\n{out}"
+    );
+    let (verified, _, _) = guest_verify(console, "g1");
+    assert_eq!(
+        verified, layout.data_pages,
+        "every page verifies, hot or not"
+    );
+    wait_heartbeats(console, &["g1"], 1);
+
+    // More than the data pages: all of them, said by the guest and by `vm show`.
+    ok(
+        console,
+        "vm create g2 mem=8 dirty=100 hot=99999",
+        "vm g2 created",
+    );
+    ok(console, "vm start g2", "vm g2 started");
+    console.expect("[g2] test guest: ", GUEST_LINE).unwrap();
+    let boot = rest_of_line(console);
+    console.expect("[g2] ready ", GUEST_LINE).unwrap();
+    let ready = rest_of_line(console);
+    let g2 = parse_layout(&boot, &ready).unwrap_or_else(|| panic!("{boot:?} / {ready:?}"));
+    assert_eq!(g2.hot_pages, g2.data_pages, "not clamped to all: {boot}");
+    assert!(
+        boot.ends_with("(hot=99999 is more than the data pages: all of them)"),
+        "{boot}"
+    );
+    let show = cmd(console, "vm show g2");
+    assert!(
+        show.contains(&format!(
+            "over all {} data pages (hot=99999 is more than the data pages)",
+            g2.data_pages
+        )),
+        "{show}"
+    );
+    guest_verify(console, "g2");
     cluster.stop().unwrap();
 }
 
@@ -936,6 +1054,12 @@ fn qemu_dirty_tracking_with_write_protection_is_exact() {
 
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
+fn qemu_hot_set_bounds_the_dirty_pages() {
+    hot_set_bounds_the_dirty_pages(Host::Qemu);
+}
+
+#[test]
+#[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn qemu_guest_triple_fault_stops_only_that_vm() {
     guest_triple_fault_stops_only_that_vm(Host::Qemu);
 }
@@ -1011,7 +1135,7 @@ fn parses_page_ranges_and_harvest_lines() {
 #[test]
 fn parses_guest_lines() {
     let layout = parse_layout(
-        "16 MiB, 3069 data pages at 0x403000, dirty 0 pages/s",
+        "16 MiB, 3069 data pages at 0x403000, dirty 20000 pages/s over 512 pages",
         "image=0x100000-0x104100 stack=0xf0000-0x100000 versions=0x400000",
     )
     .unwrap();
@@ -1024,7 +1148,23 @@ fn parses_guest_lines() {
             image: (0x100000, 0x104100),
             stack: (0xf0000, 0x100000),
             versions_gpa: 0x400000,
+            hot_pages: 512,
         }
+    );
+    let clamped = parse_layout(
+        "8 MiB, 1023 data pages at 0x401000, dirty 100 pages/s over 1023 pages \
+         (hot=99999 is more than the data pages: all of them)",
+        "image=0x100000-0x104100 stack=0xf0000-0x100000 versions=0x400000",
+    )
+    .unwrap();
+    assert_eq!((clamped.data_pages, clamped.hot_pages), (1023, 1023));
+    // A guest from before hot sets (no `over`) is not mistaken for one with a hot set.
+    assert_eq!(
+        parse_layout(
+            "16 MiB, 3069 data pages at 0x403000, dirty 0 pages/s",
+            "image=0x100000-0x104100 stack=0xf0000-0x100000 versions=0x400000",
+        ),
+        None
     );
     assert_eq!(pages_of(0x100000, 0x104100), 0x100..=0x104);
     assert_eq!(pages_of(0xf0000, 0x100000), 0xf0..=0xff);

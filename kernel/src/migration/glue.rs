@@ -180,6 +180,8 @@ fn admission(vms: &VmTable, config: &VmConfig, peer: &Hello) -> Result<VmSpec, R
         name: config.name.clone(),
         mem_mib: mib,
         dirty_pages_per_sec: config.dirty_rate,
+        // VmConfig does not carry the hot set yet: the guest keeps its own (in its memory).
+        hot_pages: 0,
         tracking: if vms.has_dirty_bits() {
             DirtyTracking::DirtyBits
         } else {

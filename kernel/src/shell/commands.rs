@@ -17,7 +17,7 @@ use crate::{clock, fault, mem, trap};
 type Result = core::result::Result<(), CommandError>;
 
 const VM_USAGE: &str =
-    "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [track=dbit|wp] [mac=<xx:..>] \
+    "create <name> [mem=<MiB>] [vcpus=1] [dirty=<pages/s>] [hot=<pages>] [track=dbit|wp] [mac=<xx:..>] \
 [disk=ram:<MiB>|<iqn>/<lun>] | start|stop|pause|resume|verify|show|destroy|console <name> | list \
 | dirty <name> reset|harvest | verify <name> disk | disk <name> hold|run|digest";
 

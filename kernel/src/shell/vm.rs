@@ -6,6 +6,7 @@ use core::fmt::Write;
 
 use kernel::config::is_valid_node_name;
 use kernel::console::shell::{parse_number, CommandError};
+use kernel::guest_workload;
 
 use super::Node;
 use crate::vm::{DirtyTracking, DiskSpec, VmError, VmSpec, VmState, MAX_MEM_MIB, MIN_MEM_MIB};
@@ -202,6 +203,7 @@ fn parse_create(
         name: name.into(),
         mem_mib: DEFAULT_MEM_MIB,
         dirty_pages_per_sec: 0,
+        hot_pages: 0,
         tracking: DirtyTracking::DirtyBits,
         mac: default_mac(node, name),
     };
@@ -226,6 +228,7 @@ fn parse_create(
                 }
             }
             "dirty" => spec.dirty_pages_per_sec = parse_number("dirty", value)?,
+            "hot" => spec.hot_pages = guest_workload::parse_hot_pages(value)?,
             "mac" => {
                 spec.mac = parse_mac(value).ok_or_else(|| {
                     bad(format!(
@@ -269,9 +272,13 @@ fn show(node: &Node, name: &str, out: &mut dyn Write) -> Result {
         }
         writeln!(
             out,
-            "  memory: {} MiB, dirty rate {} pages/s",
+            "  memory: {} MiB, {}",
             vm.ram_bytes() >> 20,
-            vm.spec.dirty_pages_per_sec
+            guest_workload::describe(
+                vm.spec.dirty_pages_per_sec,
+                vm.spec.hot_pages,
+                vm.ram_bytes()
+            )
         )?;
         writeln!(out, "  dirty tracking: {}", vm.spec.tracking)?;
         writeln!(out, "  mac: {}", ::net::e1000::Mac(vm.spec.mac))?;

@@ -9,6 +9,7 @@ use kernel::elf::{ElfError, ElfImage};
 use vmx::state::VcpuState;
 
 use super::memory::GuestRam;
+use super::VmSpec;
 
 /// The test guest's ELF file.
 static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test-guest.elf"));
@@ -40,11 +41,11 @@ impl core::fmt::Display for LoadError {
 }
 
 /// Loads the test guest into `ram`, which must be all zeroes (fresh, or cleared for a reboot),
-/// and returns the vCPU state to start it with.
+/// with the workload `spec` asks for, and returns the vCPU state to start it with.
 pub fn load_test_guest(
     ram: &mut GuestRam,
     tsc_hz: u64,
-    dirty_pages_per_sec: u64,
+    spec: &VmSpec,
 ) -> Result<VcpuState, LoadError> {
     let image = ElfImage::parse(TEST_GUEST).map_err(LoadError::Elf)?;
     let span = image.span();
@@ -67,7 +68,8 @@ pub fn load_test_guest(
     let params = BootParams {
         mem_bytes: ram.size(),
         tsc_hz,
-        dirty_pages_per_sec,
+        dirty_pages_per_sec: spec.dirty_pages_per_sec,
+        hot_pages: spec.hot_pages,
     };
     for (i, word) in params.to_words().iter().enumerate() {
         fits &= ram.write(BOOT_PARAMS + 8 * i as u64, &word.to_le_bytes());

@@ -92,6 +92,12 @@ pub struct VmSpec {
     pub name: String,
     pub mem_mib: u64,
     pub dirty_pages_per_sec: u64,
+    /// The test guest's hot set: how many data pages, from the first, its rewrites cycle over
+    /// (0 = all; more than it has = all, which the guest says). A migrated guest keeps its hot
+    /// set (it is in the guest's memory: its boot parameters), but the destination rebuilds
+    /// this spec from the migration's VM configuration, which does not carry it yet: there it
+    /// reads 0 until it does (migration/glue.rs).
+    pub hot_pages: u64,
     pub tracking: DirtyTracking,
     /// The MAC of the VM's network identity, announced after a migration.
     pub mac: [u8; 6],
@@ -533,7 +539,7 @@ impl VmTable {
                     // until then.
                     return Ok(VcpuState::reset_64bit(0, 0, 0));
                 }
-                loader::load_test_guest(&mut ram, clock::tsc_hz(), spec.dirty_pages_per_sec)
+                loader::load_test_guest(&mut ram, clock::tsc_hz(), &spec)
                     .map_err(|err| format!("{err}"))
             });
         let vcpu = state.and_then(|state| self.backend.new_vcpu(tag, &npt, &state));
@@ -747,12 +753,8 @@ impl Vm {
     fn reload(&mut self) -> Result<(), VmError> {
         // A power cycle: nothing of the old run may survive (bss and data pages start at zero).
         self.ram.clear();
-        let state = loader::load_test_guest(
-            &mut self.ram,
-            clock::tsc_hz(),
-            self.spec.dirty_pages_per_sec,
-        )
-        .map_err(|e| VmError::Setup(format!("{e}")))?;
+        let state = loader::load_test_guest(&mut self.ram, clock::tsc_hz(), &self.spec)
+            .map_err(|e| VmError::Setup(format!("{e}")))?;
         self.vcpu
             .load_state(&state)
             .map_err(|e| VmError::Setup(format!("vCPU reset: {e:?}")))?;

@@ -54,6 +54,10 @@ pub struct BootParams {
     pub tsc_hz: u64,
     /// Data pages the guest rewrites per second (0 = none).
     pub dirty_pages_per_sec: u64,
+    /// How many data pages, from data page 0, the rewrites cycle over (0 = all): a hot set
+    /// like a real workload's, so the dirty rate can be compared with a Linux guest rewriting
+    /// one file. See [`HotSet`].
+    pub hot_pages: u64,
 }
 
 /// Why boot parameters were refused.
@@ -65,7 +69,7 @@ pub enum ParamsError {
 }
 
 impl BootParams {
-    pub const WORDS: usize = 4;
+    pub const WORDS: usize = 5;
 
     /// The words the loader writes at [`BOOT_PARAMS`].
     pub fn to_words(&self) -> [u64; Self::WORDS] {
@@ -74,6 +78,7 @@ impl BootParams {
             self.mem_bytes,
             self.tsc_hz,
             self.dirty_pages_per_sec,
+            self.hot_pages,
         ]
     }
 
@@ -86,6 +91,7 @@ impl BootParams {
             mem_bytes: words[1],
             tsc_hz: words[2],
             dirty_pages_per_sec: words[3],
+            hot_pages: words[4],
         };
         if params.mem_bytes < MIN_MEM_BYTES {
             return Err(ParamsError::TooSmall {
@@ -96,6 +102,11 @@ impl BootParams {
             return Err(ParamsError::NoClock);
         }
         Ok(params)
+    }
+
+    /// The data pages of `layout` the dirty workload cycles over.
+    pub fn hot_set(&self, layout: &DataLayout) -> HotSet {
+        HotSet::new(self.hot_pages, layout.pages)
     }
 }
 
@@ -128,6 +139,48 @@ impl DataLayout {
     /// GPA of data page `index`.
     pub fn page_gpa(&self, index: u64) -> u64 {
         self.pages_gpa + index * PAGE_SIZE
+    }
+}
+
+/// The data pages the guest's dirty workload rewrites: `0..pages`, cycling. Every page keeps
+/// its own version in the version table, so pages outside the hot set simply stay at the
+/// version they were last written with and verify like the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotSet {
+    /// Data pages cycled over, from data page 0.
+    pub pages: u64,
+    /// The hot set asked for when it was larger than the data pages (and so became all of
+    /// them): the guest says so rather than silently doing something else.
+    pub clamped_from: Option<u64>,
+}
+
+impl HotSet {
+    /// The hot set for a request of `requested` pages (0 = all) among `data_pages`.
+    pub fn new(requested: u64, data_pages: u64) -> HotSet {
+        match requested {
+            0 => HotSet {
+                pages: data_pages,
+                clamped_from: None,
+            },
+            r if r > data_pages => HotSet {
+                pages: data_pages,
+                clamped_from: Some(r),
+            },
+            r => HotSet {
+                pages: r,
+                clamped_from: None,
+            },
+        }
+    }
+
+    /// The page the workload rewrites after `page`: the next one, wrapping within the set.
+    pub fn next_page(&self, page: u64) -> u64 {
+        (page + 1) % self.pages.max(1)
+    }
+
+    /// Whether every data page is in the hot set (the workload of a guest without `hot=`).
+    pub fn is_all(&self, data_pages: u64) -> bool {
+        self.pages == data_pages
     }
 }
 
@@ -348,8 +401,18 @@ mod tests {
             mem_bytes: 64 << 20,
             tsc_hz: 2_000_000_000,
             dirty_pages_per_sec: 100,
+            hot_pages: 512,
         };
         assert_eq!(BootParams::from_words(p.to_words()), Ok(p));
+        // Each field has its own word: none is lost or swapped on the way.
+        assert_eq!(
+            p.to_words(),
+            [BOOT_MAGIC, 64 << 20, 2_000_000_000, 100, 512]
+        );
+        for hot_pages in [0, 1, u64::MAX] {
+            let q = BootParams { hot_pages, ..p };
+            assert_eq!(BootParams::from_words(q.to_words()), Ok(q));
+        }
         let mut w = p.to_words();
         w[0] ^= 1;
         assert_eq!(BootParams::from_words(w), Err(ParamsError::BadMagic));
@@ -362,6 +425,67 @@ mod tests {
         let mut w = p.to_words();
         w[2] = 0;
         assert_eq!(BootParams::from_words(w), Err(ParamsError::NoClock));
+    }
+
+    #[test]
+    fn hot_set_is_all_pages_by_default_and_clamped_to_them() {
+        assert_eq!(
+            HotSet::new(0, 3069),
+            HotSet {
+                pages: 3069,
+                clamped_from: None
+            }
+        );
+        assert_eq!(
+            HotSet::new(512, 3069),
+            HotSet {
+                pages: 512,
+                clamped_from: None
+            }
+        );
+        assert_eq!(
+            HotSet::new(3069, 3069),
+            HotSet {
+                pages: 3069,
+                clamped_from: None
+            }
+        );
+        assert_eq!(
+            HotSet::new(3070, 3069),
+            HotSet {
+                pages: 3069,
+                clamped_from: Some(3070)
+            }
+        );
+        assert!(HotSet::new(0, 3069).is_all(3069));
+        assert!(HotSet::new(u64::MAX, 3069).is_all(3069));
+        assert!(!HotSet::new(1, 3069).is_all(3069));
+    }
+
+    /// Rewriting only the hot set, as the guest does, leaves every page verifiable: the hot
+    /// pages at their new versions, the others at the version of their first fill.
+    #[test]
+    fn rewriting_a_hot_set_keeps_every_page_verifiable() {
+        let data_pages = 10;
+        let hot = HotSet::new(3, data_pages);
+        let mut versions = std::vec![1u32; data_pages as usize];
+        let mut pages = std::vec![[0u64; WORDS_PER_PAGE]; data_pages as usize];
+        for (i, p) in pages.iter_mut().enumerate() {
+            fill_page(p, i as u64, 1);
+        }
+        let mut cursor = 0;
+        let mut touched = std::collections::BTreeSet::new();
+        for _ in 0..7 {
+            let i = cursor as usize;
+            versions[i] += 1;
+            fill_page(&mut pages[i], cursor, versions[i]);
+            touched.insert(cursor);
+            cursor = hot.next_page(cursor);
+        }
+        assert_eq!(touched, (0..3).collect());
+        assert_eq!(versions, [4, 3, 3, 1, 1, 1, 1, 1, 1, 1]);
+        let report = verify_pages(data_pages, |i| versions[i as usize], |i| &pages[i as usize]);
+        assert_eq!(report.first_bad, None);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! survives everything (pause, migration) intact.
 //!
 //! It fills its RAM with self-describing pages (`guest_abi::page_word`), keeps a version table
-//! of what every page must hold, rewrites pages at the configured dirty rate, checks a few pages
-//! in the background on every pass, prints a heartbeat each second, and answers single-byte
+//! of what every page must hold, rewrites pages at the configured dirty rate (cycling over its
+//! hot set: the first `hot` data pages, or all of them; `guest_abi::HotSet`), checks a few
+//! pages in the background on every pass, prints a heartbeat each second, and answers single-byte
 //! commands on its serial port (`guest_abi::command`). It runs with interrupts disabled and
 //! uses HLT to yield: the hypervisor resumes a halted vCPU at its next time slice.
 //!
@@ -29,7 +30,7 @@ use disk_workload::{DiskWorkload, Verdict};
 use port::{inb, outb};
 
 use guest_abi::{
-    check_page, command, dirty_test_pages, fill_page, verify_pages, BootParams, DataLayout,
+    check_page, command, dirty_test_pages, fill_page, verify_pages, BootParams, DataLayout, HotSet,
     PageMismatch, VerifyReport, BOOT_PARAMS, IMAGE_BASE, PAGE_SIZE, STACK_TOP,
 };
 
@@ -145,11 +146,14 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
         layout: DataLayout::for_memory(params.mem_bytes),
     };
     let pages = memory.layout.pages;
+    let hot = params.hot_set(&memory.layout);
     say!(
-        "test guest: {} MiB, {pages} data pages at {:#x}, dirty {} pages/s",
+        "test guest: {} MiB, {pages} data pages at {:#x}, dirty {} pages/s over {} pages{}",
         params.mem_bytes >> 20,
         memory.layout.pages_gpa,
-        params.dirty_pages_per_sec
+        params.dirty_pages_per_sec,
+        hot.pages,
+        ClampNote(hot)
     );
     for index in 0..pages {
         memory.set_version(index, 1);
@@ -214,7 +218,7 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
         let burst = owed.saturating_sub(written).min(MAX_WRITES_PER_PASS);
         for _ in 0..burst {
             memory.rewrite(write_cursor);
-            write_cursor = (write_cursor + 1) % pages;
+            write_cursor = hot.next_page(write_cursor);
         }
         written += burst;
         if owed > written + MAX_WRITES_PER_PASS * 16 {
@@ -343,6 +347,18 @@ extern "C" fn guest_main(params_gpa: u64) -> ! {
             w.pass(rdtsc());
         }
         halt();
+    }
+}
+
+/// The start line's note on a hot set larger than the data pages: empty when it fits.
+struct ClampNote(HotSet);
+
+impl fmt::Display for ClampNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.clamped_from {
+            Some(asked) => write!(f, " (hot={asked} is more than the data pages: all of them)"),
+            None => Ok(()),
+        }
     }
 }
 
