@@ -164,8 +164,10 @@ fn start_guest(cluster: &mut Cluster, k: usize, dirty: u64) {
 /// Like [`start_guest`], with the dirty options given whole (`dirty=N hot=P`).
 fn start_guest_with(cluster: &mut Cluster, k: usize, dirty_options: &str) {
     let c = cluster.console(k);
-    c.command_amid_output(&format!("vm create vm1 mem=64 {dirty_options} mac={VM_MAC}"))
-        .unwrap();
+    c.command_amid_output(&format!(
+        "vm create vm1 mem=64 {dirty_options} mac={VM_MAC}"
+    ))
+    .unwrap();
     c.command_amid_output("vm start vm1").unwrap();
     c.expect("[vm1] ready", GUEST_LINE).unwrap();
     c.expect("[vm1] heartbeat 1 ok", GUEST_LINE).unwrap();
