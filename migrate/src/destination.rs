@@ -488,6 +488,7 @@ mod tests {
                 mem_bytes: 4 * PAGE_SIZE as u64,
                 vcpus: 1,
                 dirty_rate: 0,
+                hot_pages: 0,
                 mac: [2; 6],
                 disk: None,
             }),

@@ -16,7 +16,8 @@
 //! ```text
 //! Hello          min_version u16 | max_version u16 | node name str | capabilities u32 |
 //!                cpu vendor u8 (0 Intel, 1 AMD) | cpu features u64
-//! VmConfig       name str | mem_bytes u64 | vcpus u32 | dirty_rate u64 | mac [u8; 6] |
+//! VmConfig       name str | mem_bytes u64 | vcpus u32 | dirty_rate u64 | hot_pages u64 |
+//!                mac [u8; 6] |
 //!                has disk u8 (0/1) | [disk id str]
 //! VmConfigReply  0 Accept | 1 Refuse, reason u8: 0 NameExists, 1 NotEnoughMemory free u64,
 //!                2 IncompatibleCpu detail str, 3 Busy, 4 Other text str
@@ -135,6 +136,8 @@ pub struct VmConfig {
     /// The guest's configured dirtying workload in pages per second (the test guest's knob); 0
     /// for an ordinary guest. Carried so the VM keeps its behaviour on the new node.
     pub dirty_rate: u64,
+    /// The pages that workload rewrites (the test guest's `hot=`; 0: all of them).
+    pub hot_pages: u64,
     /// The MAC of the VM's NIC, announced by the destination after the move (seed step 8).
     pub mac: [u8; 6],
     /// The shared disk the VM uses, if any: handed over at the switchover, never copied.
@@ -885,6 +888,7 @@ impl Message {
                 out.extend_from_slice(&c.mem_bytes.to_le_bytes());
                 out.extend_from_slice(&c.vcpus.to_le_bytes());
                 out.extend_from_slice(&c.dirty_rate.to_le_bytes());
+                out.extend_from_slice(&c.hot_pages.to_le_bytes());
                 out.extend_from_slice(&c.mac);
                 match &c.disk {
                     None => out.push(0),
@@ -1034,6 +1038,7 @@ impl Message {
                 let mem_bytes = r.u64("memory size")?;
                 let vcpus = r.u32("vcpu count")?;
                 let dirty_rate = r.u64("dirty rate")?;
+                let hot_pages = r.u64("hot pages")?;
                 let mac = r.array::<6>("mac")?;
                 let disk = match r.u8("disk flag")? {
                     0 => None,
@@ -1053,6 +1058,7 @@ impl Message {
                     mem_bytes,
                     vcpus,
                     dirty_rate,
+                    hot_pages,
                     mac,
                     disk,
                 };
@@ -1251,6 +1257,7 @@ mod tests {
                 mem_bytes: 64 << 20,
                 vcpus: 1,
                 dirty_rate: 5000,
+                hot_pages: 3072,
                 mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
                 disk: Some(SharedDisk {
                     id: "iqn.2026-11.test.hv:cluster/1".to_string(),
@@ -1262,6 +1269,7 @@ mod tests {
                 mem_bytes: 4096,
                 vcpus: MAX_VCPUS,
                 dirty_rate: 0,
+                hot_pages: 0,
                 mac: [0; 6],
                 disk: None,
             }),
@@ -1451,6 +1459,7 @@ mod tests {
                     &4096u64.to_le_bytes(),
                     &1u32.to_le_bytes(),
                     &[0u8; 8],
+                    &[0u8; 8],
                     &[0u8; 6],
                     &[2],
                 ]
@@ -1473,6 +1482,7 @@ mod tests {
             mem_bytes: 4097,
             vcpus: 1,
             dirty_rate: 0,
+            hot_pages: 0,
             mac: [0; 6],
             disk: None,
         });
@@ -1482,6 +1492,7 @@ mod tests {
             mem_bytes: 4096,
             vcpus: 0,
             dirty_rate: 0,
+            hot_pages: 0,
             mac: [0; 6],
             disk: None,
         });

@@ -751,6 +751,7 @@ mod tests {
                 mem_bytes: 2 * PAGE_SIZE as u64,
                 vcpus: 1,
                 dirty_rate: 0,
+                hot_pages: 0,
                 mac: [2; 6],
                 disk: None,
             },

@@ -258,6 +258,7 @@ pub fn source_config(pages: usize, batch_pages: usize) -> SourceConfig {
             mem_bytes: (pages * PAGE_SIZE) as u64,
             vcpus: 1,
             dirty_rate: 0,
+            hot_pages: 0,
             mac: MAC,
             disk: None,
         },

@@ -180,8 +180,7 @@ fn admission(vms: &VmTable, config: &VmConfig, peer: &Hello) -> Result<VmSpec, R
         name: config.name.clone(),
         mem_mib: mib,
         dirty_pages_per_sec: config.dirty_rate,
-        // VmConfig does not carry the hot set yet: the guest keeps its own (in its memory).
-        hot_pages: 0,
+        hot_pages: config.hot_pages,
         tracking: if vms.has_dirty_bits() {
             DirtyTracking::DirtyBits
         } else {

@@ -280,6 +280,7 @@ impl Migrations {
                 mem_bytes: v.ram_bytes(),
                 vcpus: 1,
                 dirty_rate: v.spec.dirty_pages_per_sec,
+                hot_pages: v.spec.hot_pages,
                 mac: v.spec.mac,
                 disk: disk.as_ref().map(|(path, sectors)| SharedDisk {
                     id: path.to_string(),
