@@ -135,6 +135,7 @@ fn send_pass(guest: &mut Guest, capture: bool) -> (f64, Option<Vec<u8>>) {
         while let Some(output) = source.poll_output() {
             if let Output::Send(message) = output {
                 link.queue(&message).unwrap();
+                source.recycle(message);
             }
         }
         link.flush(pipe).unwrap();

@@ -338,6 +338,8 @@ impl SourceDriver {
                         let text = format!("cannot send {:?}: {e}", message.kind());
                         self.source.fail(now, AbortReason::LocalFailure, &text);
                     }
+                    // Encoded: its page buffers can hold the next batch's pages.
+                    self.source.recycle(message);
                 }
                 Output::Do(action) => self.actions.push(action),
             }

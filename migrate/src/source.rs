@@ -51,7 +51,7 @@ pub const MAX_BATCH_PAGES: usize = 2048;
 pub trait SourceGuest {
     /// Number of guest pages.
     fn page_count(&self) -> u64;
-    /// Copies page `page` into `out`.
+    /// Copies page `page` into `out`, all of it: `out` may hold an earlier page's bytes.
     fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError>;
     /// The pages written since the previous call (in any order), clearing the log.
     fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError>;
@@ -200,6 +200,8 @@ pub struct Source {
     round_start: u64,
     round_bytes: u64,
     round_sent: u64,
+    /// Page buffers for the next batches (see [`Source::recycle`]).
+    spare_pages: Vec<Box<[u8; PAGE_SIZE]>>,
     /// Pages dirtied in the last pre-copy round, sent with the final pages after pausing.
     pending: Vec<u64>,
     paused: bool,
@@ -269,6 +271,7 @@ impl Source {
             round_start: 0,
             round_bytes: 0,
             round_sent: 0,
+            spare_pages: Vec::new(),
             pending: Vec::new(),
             paused: false,
             throttled: false,
@@ -446,6 +449,22 @@ impl Source {
         }
     }
 
+    /// Takes back a message this source sent, once encoded: the page buffers of a page batch
+    /// serve the next batches (at most two batches' worth are kept).
+    pub fn recycle(&mut self, message: Message) {
+        if let Message::PageBatch(batch) = message {
+            let keep = 2 * self.config.batch_pages;
+            for entry in batch.entries {
+                if self.spare_pages.len() >= keep {
+                    break;
+                }
+                if let PageEncoding::Raw(buffer) = entry.encoding {
+                    self.spare_pages.push(buffer);
+                }
+            }
+        }
+    }
+
     /// The driver paused the VM as asked by [`SourceAction::PauseVm`].
     pub fn on_paused(&mut self, now: u64, guest: &mut impl SourceGuest) {
         if self.state != SourceState::Pausing {
@@ -617,15 +636,19 @@ impl Source {
             .min(self.round_pages.len());
         let mut entries = Vec::with_capacity(end - self.cursor);
         // Pages are read into a box that becomes the entry of a raw page, so a raw page is not
-        // copied again on its way into the message; a box of a page sent otherwise is reused.
-        let mut spare: Option<Box<[u8; PAGE_SIZE]>> = None;
+        // copied again on its way into the message. Boxes come back through `recycle` once
+        // the message is encoded, and a box of a page sent otherwise is reused at once: no
+        // page-sized allocation, and no zeroing of one, per page sent.
         let mut bytes = (HEADER_LEN + 8) as u64;
         for &page in self.round_pages.get(self.cursor..end).unwrap_or(&[]) {
-            let mut buffer = spare.take().unwrap_or_else(|| Box::new([0u8; PAGE_SIZE]));
+            let mut buffer = self
+                .spare_pages
+                .pop()
+                .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE]));
             guest.read_page(page, &mut buffer)?;
             let encoding = match compact_encoding(&buffer, self.caps) {
                 Some(encoding) => {
-                    spare = Some(buffer);
+                    self.spare_pages.push(buffer);
                     encoding
                 }
                 None => PageEncoding::Raw(buffer),
@@ -759,6 +782,24 @@ mod tests {
             timeouts: Timeouts::default(),
             batch_pages: 8,
         }
+    }
+
+    #[test]
+    fn sent_page_buffers_are_recycled_up_to_two_batches() {
+        let mut s = Source::new(config()).unwrap();
+        let raw = |page| PageEntry {
+            page,
+            encoding: PageEncoding::Raw(Box::new([7; PAGE_SIZE])),
+        };
+        let mut entries: Vec<PageEntry> = (0..40).map(raw).collect();
+        entries.push(PageEntry {
+            page: 40,
+            encoding: PageEncoding::Zero,
+        });
+        s.recycle(Message::PageBatch(PageBatch { round: 1, entries }));
+        assert_eq!(s.spare_pages.len(), 2 * config().batch_pages);
+        s.recycle(Message::Commit);
+        assert_eq!(s.spare_pages.len(), 2 * config().batch_pages);
     }
 
     fn drain(s: &mut Source) -> Vec<Output<SourceAction>> {
