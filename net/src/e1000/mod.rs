@@ -94,6 +94,12 @@ impl Causes {
         self.0 == 0
     }
 
+    /// A cause [`E1000::enable_interrupts`] unmasks: one that raised the line. Others (transmit
+    /// completions) are latched too, masked, and read along.
+    pub fn unmasked(self) -> bool {
+        self.0 & RX_INTERRUPTS != 0
+    }
+
     /// Something for the receive path: a stored frame, a ring running low or overrun.
     pub fn received(self) -> bool {
         self.0 & (regs::int::RXT0 | regs::int::RXDMT0 | regs::int::RXO) != 0

@@ -463,6 +463,8 @@ fn throttling_is_programmed_in_256_ns_units() {
 #[test]
 fn causes_have_names_for_the_log() {
     assert_eq!(Causes(0).to_string(), "none");
+    assert!(!Causes(regs::int::TXDW | regs::int::TXQE).unmasked());
+    assert!(Causes(regs::int::TXDW | regs::int::LSC).unmasked());
     assert_eq!(
         Causes(regs::int::RXT0 | regs::int::LSC).to_string(),
         "LSC+RXT0"
