@@ -124,7 +124,11 @@ pub fn init(rsdp_addr: Option<u64>, apic_id: u32) {
                 .iter()
                 .map(|o| format!("IRQ{}->GSI{} flags {:#x}", o.irq, o.gsi, o.flags))
                 .collect();
-            log::info!("ioapic: MADT overrides: {}", overrides.join(", "));
+            if overrides.is_empty() {
+                log::info!("ioapic: no MADT interrupt source overrides");
+            } else {
+                log::info!("ioapic: MADT overrides: {}", overrides.join(", "));
+            }
         }
         Err(reason) => log::warn!("ioapic: not used ({reason}): drivers stay polled"),
     }
