@@ -309,8 +309,10 @@ fn bochs_nodes_ping_each_other_by_name_and_address() {
     for k in 1..=2 {
         let show = cluster.console(k).command("net show").unwrap();
         let line = interrupts_line(&show, "eth0");
+        // (Bochs' IOAPIC keeps no remote IRR: it may deliver a level interrupt again while the
+        // handler runs, which then finds no cause: a few unclaimed ones are allowed there.)
         assert!(
-            line.contains(", level, ") && !line.contains("unclaimed"),
+            line.contains(", level, ") && !line.contains("line masked"),
             "node{k}: {line}"
         );
         let taken = interrupts_taken(&show, "eth0").unwrap_or(0);
@@ -895,6 +897,16 @@ fn nodes_reach_a_host_listener_over_the_storage_network() {
             arp.contains("neighbor cache of eth1") && arp.contains("10.0.2.2"),
             "{arp}"
         );
+        // The storage NIC shares its interrupt line with the cluster NIC (SeaBIOS puts both
+        // on IRQ 11): the handler acknowledges both, and the storage NIC's replies came by
+        // interrupt too.
+        let show = console.command("net show").unwrap();
+        let taken = interrupts_taken(&show, "eth1").unwrap_or(0);
+        assert!(
+            taken > 0,
+            "node{k}: the storage NIC took no interrupt:\n{show}"
+        );
+        assert!(!show.contains("unclaimed"), "{show}");
     }
     let lines = server.join().unwrap();
     assert_eq!(lines, ["hello from node1\n", "hello from node2\n"]);
