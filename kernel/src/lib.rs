@@ -4,7 +4,8 @@
 //! boots the machine, drives the devices and calls into this library for every
 //! decision that can be made without touching hardware: editing the console
 //! line, allocating physical frames from the boot memory map, parsing the node
-//! configuration. Because of that, everything here runs unchanged under
+//! configuration, reading the ACPI interrupt tables and routing PCI interrupts through the
+//! IOAPIC. Because of that, everything here runs unchanged under
 //! `cargo test -p kernel --lib` on the development machine.
 //!
 //! Rules for this library, so that it stays host-testable:
@@ -20,9 +21,11 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod config;
 pub mod console;
 pub mod elf;
 pub mod frames;
 pub mod guest_clock;
 pub mod guest_workload;
+pub mod irq;

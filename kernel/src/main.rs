@@ -2,7 +2,8 @@
 //!
 //! Walk it from [`kernel_main`]: serial and logging first (so everything after can speak),
 //! descriptor tables, memory, the node configuration, CPU capabilities, the local APIC timer,
-//! PCI and the cluster network interface, and finally the console loop in [`shell::run`].
+//! the IOAPIC, PCI and the cluster network interface, and finally the console loop in
+//! [`shell::run`].
 
 #![no_std]
 #![no_main]
@@ -86,6 +87,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         frames.total / 256,
         frames.free / 256
     );
+
+    // The IOAPIC routes the NICs' interrupt lines; without it they are only polled.
+    arch::ioapic::init(boot_info.rsdp_addr.into_option(), timer.apic_id);
 
     let functions = pci::init();
     log::info!("pci: {} functions", functions.len());

@@ -11,7 +11,8 @@ use crate::arch::apic;
 use crate::arch::idt::TrapFrame;
 use crate::fault;
 
-/// First vector past the exceptions and the remapped legacy PIC (0x20..0x2F).
+/// First vector past the exceptions and the remapped legacy PIC (0x20..0x2F). The IOAPIC's
+/// inputs follow from 0x40 ([`kernel::irq::VECTOR_BASE`]).
 pub const VECTOR_TIMER: u8 = 0x30;
 pub const VECTOR_SPURIOUS: u8 = 0xFF;
 const PIC_VECTORS: core::ops::Range<u64> = 0x20..0x30;
@@ -72,6 +73,8 @@ pub extern "C" fn dispatch(frame: &mut TrapFrame) {
             TIMER_TICKS.fetch_add(1, Ordering::Relaxed);
             apic::end_of_interrupt();
         }
+        // IOAPIC inputs (GSI n on VECTOR_BASE + n): only NICs use them so far.
+        v if kernel::irq::gsi_for_vector(v as u8).is_some() => crate::net::irq::handle(v as u8),
         // The legacy PIC is masked, but it can still raise spurious IRQ 7/15; the local APIC's
         // spurious vector needs no EOI.
         v if PIC_VECTORS.contains(&v) || v == u64::from(VECTOR_SPURIOUS) => {}

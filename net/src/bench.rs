@@ -243,11 +243,12 @@ impl BenchJob {
                 Limit::Bytes(n) => self.queued < n,
             };
             if more {
-                let want = match self.limit {
-                    Limit::Bytes(n) => n - self.queued,
-                    Limit::Seconds(_) => u64::MAX,
-                };
                 while socket.can_send() {
+                    // What is left to send, after what this loop already queued.
+                    let want = match self.limit {
+                        Limit::Bytes(n) => n.saturating_sub(self.queued),
+                        Limit::Seconds(_) => u64::MAX,
+                    };
                     let offset = (self.queued % PATTERN_LEN as u64) as usize;
                     let chunk = &self.pattern[offset..];
                     let chunk = &chunk[..chunk.len().min(want.min(usize::MAX as u64) as usize)];

@@ -10,7 +10,8 @@
 //! - each function's BARs are decoded (memory or I/O, 32- or 64-bit, prefetchable) and sized by
 //!   the usual write-all-ones probe, with memory and I/O decoding switched off meanwhile and the
 //!   command register and BARs restored afterwards;
-//! - [`enable_device`] turns on memory decoding and bus mastering (DMA) for a driver.
+//! - [`enable_device`] turns on memory decoding and bus mastering (DMA) for a driver;
+//!   [`set_intx`] lets a function raise its legacy interrupt line, or stops it.
 //!
 //! Nothing a device reports can make this panic: unknown header types, BARs that read as
 //! garbage and bridges that point back at a bus already seen are all handled.
@@ -419,6 +420,19 @@ pub fn enable_device(cfg: &mut impl ConfigSpace, addr: PciAddress, no_intx: bool
     let mut command = cfg.read32(addr, reg::COMMAND_STATUS) & 0xFFFF;
     command |= reg::COMMAND_MEMORY | reg::COMMAND_BUS_MASTER;
     if no_intx {
+        command |= reg::COMMAND_INTX_DISABLE;
+    }
+    cfg.write32(addr, reg::COMMAND_STATUS, command);
+    (cfg.read32(addr, reg::COMMAND_STATUS) & 0xFFFF) as u16
+}
+
+/// Lets the function assert its legacy INTx line (`enabled`) or stops it (the command
+/// register's Interrupt Disable bit, PCI 2.3). Returns the new command register.
+pub fn set_intx(cfg: &mut impl ConfigSpace, addr: PciAddress, enabled: bool) -> u16 {
+    let mut command = cfg.read32(addr, reg::COMMAND_STATUS) & 0xFFFF;
+    if enabled {
+        command &= !reg::COMMAND_INTX_DISABLE;
+    } else {
         command |= reg::COMMAND_INTX_DISABLE;
     }
     cfg.write32(addr, reg::COMMAND_STATUS, command);
@@ -848,6 +862,21 @@ mod tests {
             u32::from(command),
             reg::COMMAND_MEMORY | reg::COMMAND_BUS_MASTER | reg::COMMAND_INTX_DISABLE
         );
+        // Status (write-one-to-clear) was written as zeros.
+        assert!(cfg.writes.iter().all(|w| w.1 != 0x04 || w.2 >> 16 == 0));
+    }
+
+    #[test]
+    fn set_intx_toggles_only_the_interrupt_disable_bit() {
+        let mut cfg = qemu_like();
+        let nic = PciAddress::new(0, 3, 0);
+        cfg.functions.get_mut(&nic).unwrap().regs[1] = 0xFFFF_0000; // status bits set
+        let on = u32::from(enable_device(&mut cfg, nic, true));
+        assert_eq!(
+            u32::from(set_intx(&mut cfg, nic, true)),
+            on & !reg::COMMAND_INTX_DISABLE
+        );
+        assert_eq!(u32::from(set_intx(&mut cfg, nic, false)), on);
         // Status (write-one-to-clear) was written as zeros.
         assert!(cfg.writes.iter().all(|w| w.1 != 0x04 || w.2 >> 16 == 0));
     }

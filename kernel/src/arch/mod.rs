@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod deliberate;
 pub mod gdt;
 pub mod idt;
+pub mod ioapic;
 pub mod pic;
 pub mod pit;
 pub mod power;

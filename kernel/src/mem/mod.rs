@@ -259,6 +259,34 @@ pub fn is_mapped(virt: u64) -> bool {
         .is_some_and(|m| m.translate_addr(VirtAddr::new(virt)).is_some())
 }
 
+/// Copies `buf.len()` bytes of physical memory from `hpa` (firmware tables) through the
+/// physical-memory window; false, and nothing read, if part of it is not mapped there.
+pub fn read_phys(hpa: u64, buf: &mut [u8]) -> bool {
+    let Some(end) = hpa.checked_add(buf.len() as u64) else {
+        return false;
+    };
+    if buf.is_empty() {
+        return true;
+    }
+    let offset = PHYS_OFFSET.load(Ordering::Relaxed);
+    let first = hpa / FRAME_SIZE;
+    let last = (end - 1) / FRAME_SIZE;
+    let page_mapped = |page: u64| {
+        offset
+            .checked_add(page * FRAME_SIZE)
+            .and_then(|virt| VirtAddr::try_new(virt).ok())
+            .is_some_and(|virt| is_mapped(virt.as_u64()))
+    };
+    if !(first..=last).all(page_mapped) {
+        return false;
+    }
+    // SAFETY: every page of the range is mapped by the physical-memory window (checked just
+    // above), `buf` is a distinct kernel buffer, and the bytes are only copied (firmware
+    // tables: nobody writes them).
+    unsafe { core::ptr::copy_nonoverlapping(phys_to_virt(hpa), buf.as_mut_ptr(), buf.len()) };
+    true
+}
+
 /// Where the kernel sees host-physical address `hpa` (the bootloader's physical-memory window).
 pub fn phys_to_virt(hpa: u64) -> *mut u8 {
     (PHYS_OFFSET.load(Ordering::Relaxed) + hpa) as *mut u8

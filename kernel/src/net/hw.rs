@@ -13,7 +13,9 @@ use x86_64::PhysAddr;
 use crate::mem;
 use crate::pci::PortConfig;
 
-/// A device's register BAR, mapped uncached.
+/// A device's register BAR, mapped uncached. A clone is a second window onto the same registers
+/// (the NIC interrupt handler keeps one: it cannot reach the driver's).
+#[derive(Clone)]
 pub struct BarMmio {
     base: u64,
     len: usize,

@@ -117,9 +117,10 @@ fn show_iface(
     }
     writeln!(
         out,
-        "  rings: rx {} tx {} descriptors, {BUF_SIZE}-byte buffers; polled",
+        "  rings: rx {} tx {} descriptors, {BUF_SIZE}-byte buffers",
         status.rings.0, status.rings.1
     )?;
+    writeln!(out, "  interrupts: {}", iface.irq)?;
     let c = status.counters;
     writeln!(
         out,

@@ -1,7 +1,8 @@
 //! A behavioural model of the 82540EM for host tests: registers, EEPROM, descriptor processing
 //! over fake DMA memory. It follows the manual where the driver depends on it (self-clearing
-//! reset, EERD, head/tail ownership, DD/EOP, the missed-packet counter), and can misbehave on
-//! request (stalled transmit, damaged or chained frames, a reset that never ends).
+//! reset, EERD, head/tail ownership, DD/EOP, the missed-packet counter, interrupt causes and
+//! mask with the level-triggered line they drive), and can misbehave on request (stalled
+//! transmit, damaged or chained frames, a reset that never ends).
 
 use alloc::rc::Rc;
 use alloc::vec;
@@ -122,6 +123,36 @@ impl Model {
         self.regs.get(&offset).copied().unwrap_or(0)
     }
 
+    /// Latches interrupt causes in ICR (as the device does whatever the mask says).
+    pub fn raise(&mut self, causes: u32) {
+        let icr = self.reg(regs::ICR);
+        self.set(regs::ICR, icr | causes);
+    }
+
+    /// The level of the legacy interrupt line: asserted while an unmasked cause is latched.
+    pub fn line_asserted(&self) -> bool {
+        self.reg(regs::ICR) & self.reg(regs::IMS) != 0
+    }
+
+    /// The link goes up or down (a cable, or the peer's emulator): a link-change cause.
+    pub fn set_link(&mut self, up: bool) {
+        if up != self.link_up {
+            self.link_up = up;
+            self.raise(regs::int::LSC);
+        }
+    }
+
+    /// Free receive descriptors: from the head up to (not including) the tail.
+    fn rx_free(&self, len: u32) -> u32 {
+        let head = self.reg(regs::RDH);
+        let tail = self.reg(regs::RDT);
+        if tail >= head {
+            tail - head
+        } else {
+            len - head + tail
+        }
+    }
+
     fn set(&mut self, offset: usize, value: u32) {
         self.regs.insert(offset, value);
     }
@@ -209,15 +240,10 @@ impl Model {
             vec![frame]
         };
         // Enough free descriptors for every piece?
-        let head = self.reg(regs::RDH);
-        let tail = self.reg(regs::RDT);
-        let free = if tail >= head {
-            tail - head
-        } else {
-            len - head + tail
-        };
+        let free = if len == 0 { 0 } else { self.rx_free(len) };
         if len == 0 || (free as usize) < pieces.len() {
             self.missed += 1;
+            self.raise(regs::int::RXO);
             return false;
         }
         let errors = core::mem::take(&mut self.error_next);
@@ -238,6 +264,14 @@ impl Model {
             self.dma_write(d + 8, &w1.to_le_bytes());
             self.set(regs::RDH, (head + 1) % len);
         }
+        // RXT0 at once (receive delay timer 0); RXDMT0 when the free descriptors fall to the
+        // minimum threshold, half the ring (RCTL.RDMTS = 0).
+        let threshold = len / 2;
+        let mut causes = regs::int::RXT0;
+        if free > threshold && self.rx_free(len) <= threshold {
+            causes |= regs::int::RXDMT0;
+        }
+        self.raise(causes);
         true
     }
 }
@@ -314,6 +348,18 @@ impl Mmio for FakeRegs {
                 m.rdt_writes += 1;
                 m.set(regs::RDT, value);
             }
+            // The mask accumulates; IMC clears bits of it; ICS raises causes.
+            regs::IMS => {
+                let mask = m.reg(regs::IMS);
+                m.set(regs::IMS, mask | value);
+            }
+            regs::IMC => {
+                let mask = m.reg(regs::IMS);
+                m.set(regs::IMS, mask & !value);
+            }
+            regs::ICS => m.raise(value),
+            // Cleared by reads; the driver never writes it.
+            regs::ICR => {}
             _ => m.set(offset, value),
         }
     }

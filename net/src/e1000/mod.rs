@@ -1,5 +1,6 @@
 //! Driver for the Intel 82540EM gigabit Ethernet controller ("e1000": QEMU `-device e1000`,
-//! Bochs `e1000`, and the 8254x family of real NICs), polled, behind smoltcp's `phy::Device`.
+//! Bochs `e1000`, and the 8254x family of real NICs), polled, behind smoltcp's `phy::Device`,
+//! and optionally interrupt-driven to wake a sleeping owner.
 //!
 //! Registers are reached through [`Mmio`], descriptor rings and packet buffers through
 //! [`DmaRegion`] (one region per ring: the descriptors, then one [`BUF_SIZE`] buffer per
@@ -7,7 +8,12 @@
 //! are off, so a frame is one descriptor with end-of-packet set; anything else (errors, a
 //! device that chains buffers anyway) is dropped and counted, never handed up.
 //!
-//! Interrupts stay masked: the owner polls. Receiving takes completed descriptors in order and
+//! Interrupts stay masked unless the owner asks ([`E1000::enable_interrupts`]): then a stored
+//! frame, a receive ring running low or overrun, and a link change raise the device's legacy
+//! interrupt line until the interrupt causes are read ([`take_causes`], which an interrupt
+//! handler calls through its own register window). Either way the owner polls: an interrupt
+//! only says "poll now" (it wakes a CPU halted until the next timer tick). Receiving takes
+//! completed descriptors in order and
 //! gives each back at once (one tail write per frame); transmitting fills the descriptor at the
 //! tail and writes the tail register, and reclaims sent descriptors lazily when it needs room.
 //!
@@ -30,6 +36,7 @@ pub(crate) mod fake;
 use alloc::vec;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
+use core::time::Duration;
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -69,6 +76,89 @@ pub const MAX_FRAME: usize = 1514;
 
 /// Bound on polls of a self-clearing bit (reset, EEPROM read).
 const MAX_POLLS: u32 = 100_000;
+
+/// The interrupt causes [`E1000::enable_interrupts`] unmasks: a frame stored (RXT0), free
+/// receive descriptors down to half the ring (RXDMT0), a frame lost for want of one (RXO), and
+/// a link change (LSC). Transmit completions stay masked: the driver reclaims sent descriptors
+/// when it needs room, nothing waits for them.
+pub const RX_INTERRUPTS: u32 =
+    regs::int::RXT0 | regs::int::RXDMT0 | regs::int::RXO | regs::int::LSC;
+
+/// Interrupt causes, as read (and thereby cleared) from ICR.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Causes(pub u32);
+
+impl Causes {
+    /// No cause: the interrupt (if there was one) was not this device's.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// A cause [`E1000::enable_interrupts`] unmasks: one that raised the line. Others (transmit
+    /// completions) are latched too, masked, and read along.
+    pub fn unmasked(self) -> bool {
+        self.0 & RX_INTERRUPTS != 0
+    }
+
+    /// Something for the receive path: a stored frame, a ring running low or overrun.
+    pub fn received(self) -> bool {
+        self.0 & (regs::int::RXT0 | regs::int::RXDMT0 | regs::int::RXO) != 0
+    }
+
+    /// A frame was lost because no receive descriptor was free.
+    pub fn overrun(self) -> bool {
+        self.0 & regs::int::RXO != 0
+    }
+
+    /// The link went up or down.
+    pub fn link_changed(self) -> bool {
+        self.0 & regs::int::LSC != 0
+    }
+}
+
+/// Names of the causes, for logs: `RXT0+LSC`, `none`, unknown bits in hex.
+impl fmt::Display for Causes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const NAMES: [(u32, &str); 7] = [
+            (regs::int::TXDW, "TXDW"),
+            (regs::int::TXQE, "TXQE"),
+            (regs::int::LSC, "LSC"),
+            (regs::int::RXSEQ, "RXSEQ"),
+            (regs::int::RXDMT0, "RXDMT0"),
+            (regs::int::RXO, "RXO"),
+            (regs::int::RXT0, "RXT0"),
+        ];
+        if self.is_empty() {
+            return write!(f, "none");
+        }
+        let mut rest = self.0;
+        let mut first = true;
+        for (bit, name) in NAMES {
+            if rest & bit != 0 {
+                write!(f, "{}{name}", if first { "" } else { "+" })?;
+                rest &= !bit;
+                first = false;
+            }
+        }
+        if rest != 0 {
+            write!(f, "{}{rest:#x}", if first { "" } else { "+" })?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and clears the device's interrupt causes; on the 8254x this also deasserts its
+/// level-triggered interrupt line. Takes any register window onto the device: an interrupt
+/// handler cannot reach the driver (the network stack owns it), so it keeps a window of its own.
+pub fn take_causes(regs: &impl Mmio) -> Causes {
+    Causes(regs.read32(regs::ICR))
+}
+
+/// The ITR value for at least `min_interval` between two interrupts: 256 ns units, at most
+/// 0xFFFF (16.8 ms); zero turns throttling off.
+pub fn throttle_value(min_interval: Duration) -> u32 {
+    (min_interval.as_nanos() / 256).min(0xFFFF) as u32
+}
 
 /// Bytes a [`DmaRegion`] must hold for a ring of `descriptors`.
 pub fn region_bytes(descriptors: usize) -> usize {
@@ -356,6 +446,31 @@ impl<R: Mmio, M: DmaRegion> E1000<R, M> {
             tx_bytes: self.tx.bytes,
             tx_dropped: self.tx.dropped,
         }
+    }
+
+    /// Unmasks [`RX_INTERRUPTS`], with at least `min_interval` between two interrupts (zero:
+    /// no throttling). Causes latched while they were masked are cleared first, so the line
+    /// starts deasserted: frames already waiting are the poll's, not an interrupt's.
+    pub fn enable_interrupts(&mut self, min_interval: Duration) {
+        self.regs.write32(regs::ITR, throttle_value(min_interval));
+        let _ = take_causes(&self.regs);
+        self.regs.write32(regs::IMS, RX_INTERRUPTS);
+    }
+
+    /// Masks every interrupt cause and clears the latched ones (the line deasserts).
+    pub fn disable_interrupts(&mut self) {
+        self.regs.write32(regs::IMC, u32::MAX);
+        let _ = take_causes(&self.regs);
+    }
+
+    /// The causes that raise the interrupt line (the IMS register).
+    pub fn interrupt_mask(&self) -> u32 {
+        self.regs.read32(regs::IMS)
+    }
+
+    /// Reads and clears the interrupt causes (see [`take_causes`]).
+    pub fn take_interrupt_causes(&self) -> Causes {
+        take_causes(&self.regs)
     }
 
     /// Frames waiting in the receive ring (completed by the device, not yet taken).

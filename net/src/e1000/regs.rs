@@ -7,11 +7,16 @@ pub const CTRL: usize = 0x0000;
 pub const STATUS: usize = 0x0008;
 /// EEPROM read (82540EM and later): start a word read, poll for done.
 pub const EERD: usize = 0x0014;
-/// Interrupt cause read (clear on read).
+/// Interrupt cause read (clear on read: reading it also deasserts the interrupt line).
 pub const ICR: usize = 0x00C0;
-/// Interrupt mask set.
+/// Interrupt throttling: the minimum interval between two interrupts, in 256 ns units (0: no
+/// throttling).
+pub const ITR: usize = 0x00C4;
+/// Interrupt cause set (writing 1s raises those causes, as the device would).
+pub const ICS: usize = 0x00C8;
+/// Interrupt mask set (writing 1s unmasks those causes; reads return the mask).
 pub const IMS: usize = 0x00D0;
-/// Interrupt mask clear.
+/// Interrupt mask clear (writing 1s masks those causes).
 pub const IMC: usize = 0x00D8;
 /// Receive control.
 pub const RCTL: usize = 0x0100;
@@ -70,6 +75,24 @@ pub mod eerd {
     pub const DONE: u32 = 1 << 4;
     pub const ADDR_SHIFT: u32 = 8;
     pub const DATA_SHIFT: u32 = 16;
+}
+
+/// Interrupt causes: the same bit in ICR, ICS, IMS and IMC.
+pub mod int {
+    /// Transmit descriptor written back.
+    pub const TXDW: u32 = 1 << 0;
+    /// Transmit queue empty.
+    pub const TXQE: u32 = 1 << 1;
+    /// Link status change.
+    pub const LSC: u32 = 1 << 2;
+    /// Receive sequence error.
+    pub const RXSEQ: u32 = 1 << 3;
+    /// Receive descriptors free fell to the minimum threshold (RCTL.RDMTS: half the ring).
+    pub const RXDMT0: u32 = 1 << 4;
+    /// Receiver overrun: a frame arrived and no descriptor was free.
+    pub const RXO: u32 = 1 << 6;
+    /// Receiver timer: a frame was stored (at once, with the receive delay timer at 0).
+    pub const RXT0: u32 = 1 << 7;
 }
 
 pub mod rctl {

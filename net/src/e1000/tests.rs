@@ -337,3 +337,137 @@ fn capabilities_are_ethernet() {
     assert_eq!(model(0x1AF4, 0x100E), None);
     assert_eq!(Mac(MAC).to_string(), "52:54:00:00:01:01");
 }
+
+#[test]
+fn interrupts_stay_masked_until_the_owner_asks() {
+    let (model, mut nic) = start(small());
+    assert_eq!(nic.interrupt_mask(), 0);
+    assert!(model.borrow_mut().deliver(&frame(1, 64)));
+    // The cause is latched, but masked: the line stays low.
+    assert!(!model.borrow().line_asserted());
+    assert_eq!(recv(&mut nic).unwrap(), frame(1, 64));
+}
+
+#[test]
+fn a_stored_frame_raises_the_line_until_the_causes_are_read() {
+    let (model, mut nic) = start(small());
+    nic.enable_interrupts(Duration::ZERO);
+    assert_eq!(nic.interrupt_mask(), RX_INTERRUPTS);
+    assert_eq!(model.borrow().reg(regs::ITR), 0);
+    assert!(!model.borrow().line_asserted());
+
+    assert!(model.borrow_mut().deliver(&frame(1, 64)));
+    assert!(model.borrow().line_asserted());
+    // A second frame before the acknowledgement: still one level, one cause.
+    assert!(model.borrow_mut().deliver(&frame(2, 64)));
+    let causes = nic.take_interrupt_causes();
+    assert_eq!(causes, Causes(regs::int::RXT0));
+    assert!(causes.received() && !causes.overrun() && !causes.link_changed());
+    assert!(!model.borrow().line_asserted());
+    assert!(nic.take_interrupt_causes().is_empty());
+    // The frames are the poll's, as before.
+    assert_eq!(recv(&mut nic).unwrap(), frame(1, 64));
+    assert_eq!(recv(&mut nic).unwrap(), frame(2, 64));
+}
+
+/// The kernel's interrupt handler cannot reach the driver: it reads ICR through a second
+/// window onto the same registers.
+#[test]
+fn an_interrupt_handler_acknowledges_through_its_own_window() {
+    let (model, regs, rx, tx) = device(MAC, 8, 8);
+    let handler_window = regs.clone();
+    let mut nic = E1000::new(regs, rx, tx, small()).unwrap();
+    nic.enable_interrupts(Duration::ZERO);
+    assert!(model.borrow_mut().deliver(&frame(1, 64)));
+    assert!(model.borrow().line_asserted());
+    assert!(take_causes(&handler_window).received());
+    assert!(!model.borrow().line_asserted());
+    assert!(take_causes(&handler_window).is_empty());
+    assert_eq!(recv(&mut nic).unwrap(), frame(1, 64));
+}
+
+#[test]
+fn causes_latched_before_enabling_do_not_raise_the_line() {
+    let (model, mut nic) = start(small());
+    assert!(model.borrow_mut().deliver(&frame(1, 64)));
+    nic.enable_interrupts(Duration::ZERO);
+    assert!(!model.borrow().line_asserted());
+    // The frame is still there for the poll.
+    assert!(nic.rx_pending());
+    assert_eq!(recv(&mut nic).unwrap(), frame(1, 64));
+}
+
+#[test]
+fn a_filling_ring_and_an_overrun_are_causes() {
+    let (model, mut nic) = start(small());
+    nic.enable_interrupts(Duration::ZERO);
+    // 8 descriptors, 7 free: the third frame leaves 4 free, half the ring.
+    for i in 0..2 {
+        assert!(model.borrow_mut().deliver(&frame(i, 64)));
+    }
+    assert_eq!(nic.take_interrupt_causes(), Causes(regs::int::RXT0));
+    assert!(model.borrow_mut().deliver(&frame(2, 64)));
+    assert_eq!(
+        nic.take_interrupt_causes(),
+        Causes(regs::int::RXT0 | regs::int::RXDMT0)
+    );
+    for i in 3..7 {
+        assert!(model.borrow_mut().deliver(&frame(i, 64)));
+    }
+    assert_eq!(nic.take_interrupt_causes(), Causes(regs::int::RXT0));
+    assert!(!model.borrow_mut().deliver(&frame(7, 64)));
+    let causes = nic.take_interrupt_causes();
+    assert_eq!(causes, Causes(regs::int::RXO));
+    assert!(causes.overrun() && causes.received(), "{causes}");
+    assert_eq!(nic.counters().rx_missed, 1);
+}
+
+#[test]
+fn a_link_change_is_a_cause() {
+    let (model, mut nic) = start(small());
+    nic.enable_interrupts(Duration::ZERO);
+    model.borrow_mut().set_link(false);
+    assert!(model.borrow().line_asserted());
+    let causes = nic.take_interrupt_causes();
+    assert!(causes.link_changed() && !causes.received());
+    assert!(!nic.link_up());
+}
+
+#[test]
+fn disabling_masks_every_cause_and_clears_the_latched_ones() {
+    let (model, mut nic) = start(small());
+    nic.enable_interrupts(Duration::ZERO);
+    assert!(model.borrow_mut().deliver(&frame(1, 64)));
+    assert!(model.borrow().line_asserted());
+    nic.disable_interrupts();
+    assert!(!model.borrow().line_asserted());
+    assert_eq!(nic.interrupt_mask(), 0);
+    assert!(model.borrow_mut().deliver(&frame(2, 64)));
+    assert!(!model.borrow().line_asserted());
+    // The device's own interrupt cause set register (ICS) is masked just the same.
+    FakeRegs(model.clone()).write32(regs::ICS, regs::int::RXT0);
+    assert!(!model.borrow().line_asserted());
+}
+
+#[test]
+fn throttling_is_programmed_in_256_ns_units() {
+    assert_eq!(throttle_value(Duration::ZERO), 0);
+    assert_eq!(throttle_value(Duration::from_nanos(255)), 0);
+    assert_eq!(throttle_value(Duration::from_micros(100)), 390);
+    assert_eq!(throttle_value(Duration::from_secs(1)), 0xFFFF);
+    let (model, mut nic) = start(small());
+    nic.enable_interrupts(Duration::from_micros(50));
+    assert_eq!(model.borrow().reg(regs::ITR), 195);
+}
+
+#[test]
+fn causes_have_names_for_the_log() {
+    assert_eq!(Causes(0).to_string(), "none");
+    assert!(!Causes(regs::int::TXDW | regs::int::TXQE).unmasked());
+    assert!(Causes(regs::int::TXDW | regs::int::LSC).unmasked());
+    assert_eq!(
+        Causes(regs::int::RXT0 | regs::int::LSC).to_string(),
+        "LSC+RXT0"
+    );
+    assert_eq!(Causes(regs::int::RXO | 1 << 20).to_string(), "RXO+0x100000");
+}
