@@ -44,6 +44,9 @@ static NICS: [Slot; SLOTS] = [const {
     }
 }; SLOTS];
 static NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Interrupts any NIC claimed since boot: the console loop compares it across a pass to know
+/// whether a frame arrived after it polled (then it must not halt).
+static WAKEUPS: AtomicU64 = AtomicU64::new(0);
 
 const LINES: usize = VECTOR_GSIS as usize;
 /// Per GSI: interrupts in a row no NIC claimed, all of them, and whether the line was masked.
@@ -79,6 +82,11 @@ pub fn unclaimed(gsi: u32) -> (u64, bool) {
     )
 }
 
+/// Interrupts claimed by any NIC since boot (see [`WAKEUPS`]).
+pub fn wakeups() -> u64 {
+    WAKEUPS.load(Ordering::Acquire)
+}
+
 /// The handler of the IOAPIC vectors (called by `trap::dispatch`, interrupts off).
 pub fn handle(vector: u8) {
     let mut claimed = false;
@@ -94,6 +102,9 @@ pub fn handle(vector: u8) {
             nic.taken.fetch_add(1, Ordering::Relaxed);
             claimed = true;
         }
+    }
+    if claimed {
+        WAKEUPS.fetch_add(1, Ordering::Release);
     }
     if let Some(gsi) = gsi_for_vector(vector) {
         let i = gsi as usize;

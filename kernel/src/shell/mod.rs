@@ -56,8 +56,9 @@ fn prompt(node: &Node) {
 
 /// Runs the console forever. Every round: console input, VM slices, one bounded network poll
 /// and the output of a running job. When nothing is runnable the CPU sleeps until the next
-/// interrupt (the timer ticks at 1 kHz, faster than a 115200-baud line can fill the UART's
-/// 16-byte FIFO; the NIC is polled at that rate too).
+/// interrupt: a NIC's, as soon as a frame arrives (see `net::irq`), or the timer's (1 kHz, faster
+/// than a 115200-baud line can fill the UART's 16-byte FIFO; NICs without an interrupt line are
+/// polled at that rate).
 pub fn run(mut node: Node) -> ! {
     let mut editor = LineEditor::new(MAX_LINE, HISTORY);
     println!(
@@ -114,6 +115,7 @@ pub fn run(mut node: Node) -> ! {
         let disk_busy = node.vms.poll_disks();
         // Busy: frames still waiting, or a bench sending (the loop then does not halt; the VM
         // slices still run every round).
+        let woken = crate::net::irq::wakeups();
         let net_busy = node.net.poll();
         let (lines, migrating) =
             node.migrations
@@ -127,8 +129,21 @@ pub fn run(mut node: Node) -> ! {
             prompt(&node);
         }
         if !node.vms.any_runnable() && !net_busy && !migrating && !disk_busy && !storage_busy {
-            x86_64::instructions::interrupts::enable_and_hlt();
+            sleep_unless_woken(woken);
         }
+    }
+}
+
+/// Halts until the next interrupt, unless a NIC interrupted since `woken` was read (before the
+/// NICs were polled): the frame that raised it may have come after the poll, and halting would
+/// leave it waiting for the next tick.
+fn sleep_unless_woken(woken: u64) {
+    x86_64::instructions::interrupts::disable();
+    if crate::net::irq::wakeups() == woken {
+        // `sti; hlt`: an interrupt that arrives from here on ends the halt.
+        x86_64::instructions::interrupts::enable_and_hlt();
+    } else {
+        x86_64::instructions::interrupts::enable();
     }
 }
 
