@@ -32,8 +32,10 @@
 # 1's console (Ctrl-] leaves and stops every node); the line printed before attaching tells how to
 # reach the other nodes' consoles from another terminal. Logs stay in the run directory.
 #
-# Links: two nodes are wired NIC to NIC (QEMU -netdev socket on 127.0.0.1), three or more through
-# a vde_switch started (and stopped) here; the NIC MACs are 52:54:00:00:01:0K (K = node number).
+# Links: two nodes are wired NIC to NIC (QEMU -netdev stream over the unix socket DIR/link.sock;
+# a TCP socket, -netdev socket, held small frames for up to ~40 ms in one direction: Nagle on
+# QEMU's sender against delayed ACKs), three or more through a vde_switch started (and stopped)
+# here; the NIC MACs are 52:54:00:00:01:0K (K = node number).
 # The cluster network on those links is 10.10.0.0/24, node K at 10.10.0.K: addresses that exist
 # only inside the emulated links (frames travel between the emulators over loopback).
 # The storage network (QEMU, two or more nodes): a second NIC per node on its own QEMU user-mode
@@ -467,10 +469,6 @@ if [[ "$EMULATOR" == qemu && "$NODES" -ge 3 ]]; then
     wait_for "vde_switch" $! 10 test -S "$SWITCH/ctl" || exit 1
 fi
 
-listen_port_of() { # the TCP port PID listens on (127.0.0.1), if any
-    ss -Hltnp 2>/dev/null | awk -v p="pid=$1," 'index($0, p) { n = split($4, a, ":"); print a[n]; exit }'
-}
-
 mac_of() { printf '52:54:00:00:01:%02x' "$1"; }
 storage_mac_of() { printf '52:54:00:00:02:%02x' "$1"; }
 
@@ -511,9 +509,9 @@ start_qemu() {
         net=(-nic none)
     elif ((NODES == 2)); then
         if ((k == 1)); then
-            net=(-netdev "socket,id=link,listen=127.0.0.1:0")
+            net=(-netdev "stream,id=link,server=on,addr.type=unix,addr.path=$RUN_DIR/link.sock")
         else
-            net=(-netdev "socket,id=link,connect=127.0.0.1:$LINK_PORT")
+            net=(-netdev "stream,id=link,server=off,addr.type=unix,addr.path=$RUN_DIR/link.sock")
         fi
     else
         net=(-netdev "vde,id=link,sock=$SWITCH")
@@ -530,8 +528,8 @@ start_qemu() {
     EMU_PIDS[k - 1]=$SPAWNED_PID
     echo "$SPAWNED_PID" >"$RUN_DIR/node$k.pid"
     if ((NODES == 2 && k == 1)); then
-        # Node 2 connects to the port node 1's QEMU picked (port 0: no race for a free port).
-        wait_for "node1's link port" "$SPAWNED_PID" 20 eval 'LINK_PORT="$(listen_port_of "$SPAWNED_PID")"; [[ -n "$LINK_PORT" ]]' || exit 1
+        # Node 2 connects to the link's socket once node 1's QEMU listens on it.
+        wait_for "node1's link socket" "$SPAWNED_PID" 20 test -S "$RUN_DIR/link.sock" || exit 1
     fi
 }
 
@@ -617,7 +615,6 @@ if [[ "$EMULATOR" == bochs && "$NODES" -ge 2 ]]; then
     wait_for "frame-hub" "$SPAWNED_PID" 20 test -s "$RUN_DIR/hub.ready" || exit 1
 fi
 
-LINK_PORT=""
 for ((k = 1; k <= NODES; k++)); do
     DONE[k - 1]=0
     if [[ "$EMULATOR" == bochs ]]; then

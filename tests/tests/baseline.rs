@@ -1,6 +1,6 @@
 //! The Linux baseline for `net bench` (issue 4, item 7): two plain Linux guests under QEMU TCG,
-//! linked as our two nodes are (an e1000 NIC each, `-netdev socket` listen/connect on
-//! 127.0.0.1), move 64 MiB over TCP with busybox `nc`; the sender times the transfer inside
+//! linked as our two nodes are (an e1000 NIC each, `-netdev stream` server/client on a unix
+//! socket), move 64 MiB over TCP with busybox `nc`; the sender times the transfer inside
 //! the guest and the receiver counts the bytes that arrived. The figure goes to
 //! target/bench/net-baseline.txt, next to our kernel's figures from target/bench/net-bench.txt
 //! when that file is there (./run-tests.sh runs this test after net.rs for that).
@@ -18,7 +18,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tests::linux_guest::{build_initramfs, free_port, linux_dir, linux_package, Guest};
+use tests::linux_guest::{build_initramfs, linux_dir, linux_package, Guest};
 
 /// What the sender moves: the amount of our 64 MiB `net send`.
 const BYTES: u64 = 64 << 20;
@@ -62,8 +62,8 @@ fi
 poweroff -f
 "#;
 
-/// A guest of the emulated link: `role` (recv or send), QEMU's `-netdev socket` option
-/// `link` (listen= or connect=), its NIC's `mac`.
+/// A guest of the emulated link: `role` (recv or send), the options of its `-netdev stream`
+/// `link` (server or client end of the link's unix socket), its NIC's `mac`.
 fn start_guest(dir: &Path, role: &str, link: &str, mac: &str) -> io::Result<Guest> {
     Guest::start(
         dir,
@@ -81,7 +81,7 @@ fn start_guest(dir: &Path, role: &str, link: &str, mac: &str) -> io::Result<Gues
             "-parallel",
             "none",
             "-netdev",
-            &format!("socket,id=link,{link}"),
+            &format!("stream,id=link,{link}"),
             "-device",
             &format!("e1000,netdev=link,mac={mac}"),
         ],
@@ -121,21 +121,30 @@ fn linux_baseline_tcp_throughput() {
     let e1000 = linux_dir().join("e1000.ko");
     build_initramfs(&dir, &init, &[(&e1000, "e1000.ko")]).unwrap();
 
-    // A free port for the link (the receiver's QEMU listens on it, the sender's connects).
-    let port = free_port();
+    // The link, as qemu-run.sh wires two nodes: a unix stream socket (the receiver's QEMU
+    // listens on it, the sender's connects).
+    let link = dir.join("link.sock");
     let mut recv = start_guest(
         &dir,
         "recv",
-        &format!("listen=127.0.0.1:{port}"),
+        &format!("server=on,addr.type=unix,addr.path={}", link.display()),
         "52:54:00:00:03:01",
     )
     .unwrap();
-    recv.wait_listening(port, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("the receiver: {e}"));
+    let listening = Instant::now();
+    while !link.exists() {
+        assert!(
+            recv.running() && listening.elapsed() < Duration::from_secs(20),
+            "the receiver's QEMU does not listen on {}\n{}",
+            link.display(),
+            recv.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let send = start_guest(
         &dir,
         "send",
-        &format!("connect=127.0.0.1:{port}"),
+        &format!("server=off,addr.type=unix,addr.path={}", link.display()),
         "52:54:00:00:03:02",
     )
     .unwrap();
@@ -182,7 +191,7 @@ fn linux_baseline_tcp_throughput() {
     let mut report = String::new();
     writeln!(
         report,
-        "Linux baseline (QEMU TCG -cpu EPYC -m 256, e1000 over a -netdev socket link; one run):\n\
+        "Linux baseline (QEMU TCG -cpu EPYC -m 256, e1000 over a -netdev stream unix-socket link; one run):\n\
          \x20 10.20.0.2 -> 10.20.0.1, busybox dd | nc, 64 MiB: {mbs:.2} MB/s \
          ({BYTES} bytes received in {seconds:.2} s, timed in the sending guest)\n\
          \x20 Linux: Debian {package} (its e1000 module), busybox-static initramfs\n\

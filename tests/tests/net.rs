@@ -647,7 +647,7 @@ fn qemu_nodes_bench_and_send_64_mib_intact() {
     assert!(show.contains("0 errors"), "{show}");
 
     let report = format!(
-        "net bench (QEMU TCG, e1000 over a -netdev socket link; one run each):\n\
+        "net bench (QEMU TCG, e1000 over a -netdev stream unix-socket link; one run each):\n\
          \x20 node1 -> node2, net bench node2 3:    {forward:.2} MB/s\n\
          \x20 node2 -> node1, net bench 10.10.0.1 3: {backward:.2} MB/s\n\
          \x20 node1 -> node2, net send node2 64:    {send:.2} MB/s (64 MiB, FNV-1a checksum confirmed)\n\
