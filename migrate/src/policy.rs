@@ -309,6 +309,17 @@ mod tests {
         }
     }
 
+    /// The throttle levels among `decisions`, in order.
+    fn throttle_levels(decisions: &[Decision]) -> Vec<u8> {
+        decisions
+            .iter()
+            .filter_map(|x| match x {
+                Decision::Throttle(level) => Some(*level),
+                _ => None,
+            })
+            .collect()
+    }
+
     const GUEST_PAGES: u64 = 16384; // 64 MiB
     const LINK: u64 = 100_000_000; // 100 MB/s
 
@@ -335,13 +346,7 @@ mod tests {
             50_000,
             LINK,
         );
-        let levels: Vec<u8> = d
-            .iter()
-            .filter_map(|x| match x {
-                Decision::Throttle(level) => Some(*level),
-                _ => None,
-            })
-            .collect();
+        let levels = throttle_levels(&d);
         assert!(levels.first() >= Some(&20), "{d:?}");
         assert!(levels.windows(2).all(|w| w[1] >= w[0] + 10), "{levels:?}");
         assert_eq!(
@@ -371,13 +376,7 @@ mod tests {
             ..PolicyConfig::default()
         };
         let d = simulate(config, GUEST_PAGES, 3072, 20_000, LINK);
-        let levels: Vec<u8> = d
-            .iter()
-            .filter_map(|x| match x {
-                Decision::Throttle(level) => Some(*level),
-                _ => None,
-            })
-            .collect();
+        let levels = throttle_levels(&d);
         assert_eq!(levels.len(), 1, "{d:?}");
         assert!(levels[0] >= 80, "{levels:?}");
         assert!(d.len() <= 6, "{d:?}");
@@ -414,13 +413,7 @@ mod tests {
             ..PolicyConfig::default()
         };
         let d = simulate(config, GUEST_PAGES, GUEST_PAGES, 10_000_000, LINK);
-        let levels: Vec<u8> = d
-            .iter()
-            .filter_map(|x| match x {
-                Decision::Throttle(level) => Some(*level),
-                _ => None,
-            })
-            .collect();
+        let levels = throttle_levels(&d);
         // The matching level is far above the maximum: the maximum at once, then no more steps.
         assert_eq!(levels, [45]);
         assert_eq!(d.len(), 100);

@@ -146,6 +146,16 @@ fn dirty_test_indices(data_pages: u64) -> Vec<u64> {
     (3..data_pages).step_by(7).take(200).collect()
 }
 
+/// What a test guest's own activity may dirty (an allowance, not a requirement): its page
+/// tables (AMD nested paging treats guest page-table walks as writes; Intel EPT without A/D
+/// does not, so there they do not appear), its stack, its image.
+fn own_pages(layout: &GuestLayout) -> BTreeSet<u64> {
+    let mut own: BTreeSet<u64> = (0x1..=0x7).collect();
+    own.extend(pages_of(layout.stack.0, layout.stack.1));
+    own.extend(pages_of(layout.image.0, layout.image.1));
+    own
+}
+
 /// Guest page numbers of a byte range `[start, end)`.
 fn pages_of(start: u64, end: u64) -> std::ops::RangeInclusive<u64> {
     start / 4096..=(end.max(start + 1) - 1) / 4096
@@ -639,12 +649,7 @@ fn dirty_tracking_is_exact(host: Host, track: &str) {
         .iter()
         .map(|i| (layout.versions_gpa + 4 * i) / 4096)
         .collect();
-    // What the guest's own activity may touch (an allowance, not a requirement): its page
-    // tables (AMD nested paging treats guest page-table walks as writes; Intel EPT without A/D
-    // does not, so there they do not appear), its stack, its image.
-    let mut own: BTreeSet<u64> = (0x1..=0x7).collect();
-    own.extend(pages_of(layout.stack.0, layout.stack.1));
-    own.extend(pages_of(layout.image.0, layout.image.1));
+    let own = own_pages(&layout);
 
     ok(console, "vm dirty g1 reset", "dirty log reset");
     attach_and_send(console, "g1", b"t");
@@ -751,10 +756,7 @@ fn hot_set_bounds_the_dirty_pages(host: Host) {
     let hot_versions: BTreeSet<u64> = (0..HOT)
         .map(|i| (layout.versions_gpa + 4 * i) / 4096)
         .collect();
-    // The guest's own activity (as in dirty_tracking_is_exact): its page tables, stack, image.
-    let mut own: BTreeSet<u64> = (0x1..=0x7).collect();
-    own.extend(pages_of(layout.stack.0, layout.stack.1));
-    own.extend(pages_of(layout.image.0, layout.image.1));
+    let own = own_pages(&layout);
 
     ok(console, "vm dirty g1 reset", "dirty log reset");
     // Two seconds at 20000 pages/s: the 512 hot pages come round about 80 times.
