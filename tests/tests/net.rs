@@ -298,7 +298,7 @@ fn bochs_pair() -> ClusterOptions {
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn bochs_nodes_ping_each_other_by_name_and_address() {
-    let mut cluster = Cluster::start(bochs_pair()).unwrap();
+    let mut cluster = Cluster::start(bochs_pair().with("nic_interrupts", "on")).unwrap();
     let show = cluster.console(1).command("net show").unwrap();
     assert!(show.contains("mac 52:54:00:00:01:01 (EEPROM)"), "{show}");
     let times = ping_both_ways(&mut cluster, secs(120));
@@ -668,7 +668,8 @@ fn qemu_nodes_bench_and_send_64_mib_intact() {
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn qemu_nic_interrupts_wake_the_node() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let mut cluster =
+        Cluster::start(ClusterOptions::default().with("nic_interrupts", "on")).unwrap();
     wait_link_up(&mut cluster);
     for k in 1..=2 {
         let show = cluster.console(k).command("net show").unwrap();
@@ -877,7 +878,8 @@ fn reach_host(console: &mut Console, port: u16, text: &str, who: &str) {
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn nodes_reach_a_host_listener_over_the_storage_network() {
     let (port, server) = host_listener(2);
-    let mut cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let mut cluster =
+        Cluster::start(ClusterOptions::default().with("nic_interrupts", "on")).unwrap();
     for k in 1..=2 {
         let console = cluster.console(k);
         let show = console.command("net show").unwrap();

@@ -785,6 +785,7 @@ fn poll_outgoing(
     storage: &mut Storage,
     lines: &mut Vec<String>,
 ) -> bool {
+    let interrupts = net.cluster_interrupts();
     let Some(stack) = net.cluster_stack() else {
         let actions = out.driver.cancel(now_us());
         source_actions(out, vms, storage, actions, lines);
@@ -811,10 +812,19 @@ fn poll_outgoing(
     source_actions(out, vms, storage, actions, lines);
     // A pass that moved bytes or changed state may have more to do at once. Otherwise the
     // source waits for the network (the socket's buffer is full, or an answer is due), and the
-    // node may sleep: a NIC interrupt wakes it when a frame arrives, the timer at the next tick
-    // (deadlines, NICs without an interrupt line). Spinning instead took the emulator's
-    // CPU from the destination on a 2-core host.
-    progress(out.driver.link(), out.driver.source().state()) != before
+    // node may sleep if a NIC interrupt wakes it when a frame arrives: spinning took the
+    // emulator's CPU from the destination on a 2-core host. With a polled NIC a frame waits for
+    // the next tick (up to 1 ms), so the copy and every state of the pause spin.
+    let waiting_on_wire = !interrupts
+        && matches!(
+            out.driver.source().state(),
+            SourceState::PreCopy
+                | SourceState::Pausing
+                | SourceState::Quiescing
+                | SourceState::FinalCopy
+                | SourceState::AwaitCommitAck
+        );
+    waiting_on_wire || progress(out.driver.link(), out.driver.source().state()) != before
 }
 
 /// What a pass of a migration is judged by: bytes moved either way, and the machine's state.
@@ -1042,6 +1052,7 @@ fn poll_incoming(
     announce: &mut Option<[u8; 6]>,
     hooks: &mut TestHooks,
 ) -> bool {
+    let interrupts = net.cluster_interrupts();
     let Some(stack) = net.cluster_stack() else {
         return false;
     };
@@ -1084,8 +1095,14 @@ fn poll_incoming(
     let actions = inc.driver.flush(now_us(), &mut pipe);
     destination_actions(inc, vms, storage, actions, lines, announce);
     // As for the source: a pass without progress waits for the network (a NIC interrupt wakes
-    // the node) or for the disk takeover (the storage service says when it is busy).
-    progress(inc.driver.link(), inc.driver.destination().state()) != before
+    // the node, or it spins through the pause with a polled NIC) or for the disk takeover (the
+    // storage service says when it is busy).
+    let waiting_on_wire = !interrupts
+        && matches!(
+            inc.driver.destination().state(),
+            DestinationState::Final | DestinationState::TakingDisk
+        );
+    waiting_on_wire || progress(inc.driver.link(), inc.driver.destination().state()) != before
 }
 
 /// Carries out what the destination asked for.

@@ -82,6 +82,22 @@ pub fn unclaimed(gsi: u32) -> (u64, bool) {
     )
 }
 
+/// Unmasks the receive interrupts of every attached NIC (masked by [`handle`] when it took
+/// one). The console loop calls it, interrupts off, right before it halts: a frame that came
+/// in since the last poll raises the line at once and ends the halt. Under a link that went
+/// down mid-transfer, handling every interrupt as it came and unmasking at once froze a node
+/// in the handler.
+pub fn arm() {
+    for nic in &NICS {
+        if nic.vector.load(Ordering::Acquire) == 0 {
+            continue;
+        }
+        if let Some(regs) = nic.regs.get() {
+            e1000::arm_interrupts(regs);
+        }
+    }
+}
+
 /// Interrupts claimed by any NIC since boot (see [`WAKEUPS`]).
 pub fn wakeups() -> u64 {
     WAKEUPS.load(Ordering::Acquire)
@@ -101,6 +117,9 @@ pub fn handle(vector: u8) {
         if e1000::take_causes(regs).unmasked() {
             nic.taken.fetch_add(1, Ordering::Relaxed);
             claimed = true;
+            // Quiet until the loop has polled and sleeps again (see `arm`): one interrupt per
+            // sleep at most, whatever the device keeps raising.
+            e1000::mask_interrupts(regs);
         }
     }
     if claimed {

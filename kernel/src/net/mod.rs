@@ -288,7 +288,14 @@ pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
     let mut net = match nics.first() {
         Some(&(function, model)) => {
             let addressing = config.cluster_addr.map(Addressing::Static);
-            match start(function, model, "eth0", CLUSTER, addressing) {
+            match start(
+                function,
+                model,
+                "eth0",
+                CLUSTER,
+                addressing,
+                config.nic_interrupts,
+            ) {
                 Ok(mut iface) => {
                     iface.stack.start_bench_listener();
                     Net {
@@ -304,7 +311,14 @@ pub fn init(config: &NodeConfig, functions: &[PciFunction]) -> Net {
     };
     // The second NIC (in PCI order) is the storage network's.
     if let Some(&(function, model)) = nics.get(1) {
-        match start(function, model, "eth1", STORAGE, config.storage_addr) {
+        match start(
+            function,
+            model,
+            "eth1",
+            STORAGE,
+            config.storage_addr,
+            config.nic_interrupts,
+        ) {
             Ok(iface) => net.storage = Some(iface),
             Err(reason) => log::warn!("net: storage network interface: {reason}"),
         }
@@ -372,9 +386,10 @@ fn start(
     name: &'static str,
     role: Role,
     addressing: Option<Addressing>,
+    interrupts: bool,
 ) -> Result<Iface, String> {
     let (nic, mac_source, bar_addr, irq) = match driver {
-        Driver::E1000 => start_e1000(function)?,
+        Driver::E1000 => start_e1000(function, interrupts)?,
         Driver::Virtio => {
             let (nic, mac_source, bar) = start_virtio(function)?;
             let why = String::from("the virtio-net driver is polled (its INTx stays disabled)");
@@ -433,7 +448,10 @@ fn start_virtio(function: &PciFunction) -> Result<(Nic, MacSource, u64), String>
     ))
 }
 
-fn start_e1000(function: &PciFunction) -> Result<(Nic, MacSource, u64, IrqMode), String> {
+fn start_e1000(
+    function: &PciFunction,
+    interrupts: bool,
+) -> Result<(Nic, MacSource, u64, IrqMode), String> {
     let bar = function
         .bars
         .first()
@@ -458,7 +476,13 @@ fn start_e1000(function: &PciFunction) -> Result<(Nic, MacSource, u64, IrqMode),
     // On failure the rings' frames and the BAR mapping stay allocated: a boot-time loss, once.
     let mut nic = E1000::new(regs, rx, tx, rings).map_err(|e| format!("e1000: {e}"))?;
     let mac_source = nic.mac_source();
-    let irq = enable_e1000_interrupts(function, &mut nic, irq_window);
+    let irq = if interrupts {
+        enable_e1000_interrupts(function, &mut nic, irq_window)
+    } else {
+        IrqMode::Polled(String::from(
+            "off in the node configuration (nic_interrupts = on enables them)",
+        ))
+    };
     Ok((Nic::E1000(nic), mac_source, bar_addr, irq))
 }
 
@@ -559,6 +583,14 @@ impl Net {
             }
         }
         more
+    }
+
+    /// Whether the cluster NIC wakes the node when a frame arrives (else it is polled at
+    /// each pass and timer tick).
+    pub fn cluster_interrupts(&self) -> bool {
+        self.iface
+            .as_ref()
+            .is_some_and(|i| matches!(i.irq, IrqMode::Interrupts { .. }))
     }
 
     /// The storage interface's stack, for the connections of other modules (iSCSI).

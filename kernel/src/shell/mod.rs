@@ -139,6 +139,7 @@ pub fn run(mut node: Node) -> ! {
 /// leave it waiting for the next tick.
 fn sleep_unless_woken(woken: u64) {
     x86_64::instructions::interrupts::disable();
+    crate::net::irq::arm();
     if crate::net::irq::wakeups() == woken {
         // `sti; hlt`: an interrupt that arrives from here on ends the halt.
         x86_64::instructions::interrupts::enable_and_hlt();
@@ -158,7 +159,7 @@ fn idle(vms: &mut crate::vm::VmTable) {
     });
     vms.poll_disks();
     if !vms.any_runnable() {
-        x86_64::instructions::interrupts::enable_and_hlt();
+        sleep_unless_woken(crate::net::irq::wakeups());
     }
 }
 

@@ -154,6 +154,20 @@ pub fn take_causes(regs: &impl Mmio) -> Causes {
     Causes(regs.read32(regs::ICR))
 }
 
+/// Masks every interrupt cause, through any register window (an interrupt handler's): the
+/// device latches causes but keeps its line deasserted until [`arm_interrupts`]. Handlers
+/// mask, the poll loop re-arms before it sleeps (NAPI's scheme), so a device that keeps
+/// raising causes costs one interrupt per sleep, never a storm.
+pub fn mask_interrupts(regs: &impl Mmio) {
+    regs.write32(regs::IMC, u32::MAX);
+}
+
+/// Unmasks [`RX_INTERRUPTS`] again: a cause latched meanwhile raises the line at once, so a
+/// frame that arrived while masked still wakes a sleeping CPU.
+pub fn arm_interrupts(regs: &impl Mmio) {
+    regs.write32(regs::IMS, RX_INTERRUPTS);
+}
+
 /// The ITR value for at least `min_interval` between two interrupts: 256 ns units, at most
 /// 0xFFFF (16.8 ms); zero turns throttling off.
 pub fn throttle_value(min_interval: Duration) -> u32 {

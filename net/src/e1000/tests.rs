@@ -386,6 +386,31 @@ fn an_interrupt_handler_acknowledges_through_its_own_window() {
     assert_eq!(recv(&mut nic).unwrap(), frame(1, 64));
 }
 
+/// The handler masks what it acknowledged; a frame that arrives while masked raises no line
+/// until the poll loop re-arms, and then at once (a regression test: a node whose NIC kept
+/// raising causes after its link went down spent all its time in the handler).
+#[test]
+fn a_masked_nic_raises_its_line_again_only_when_rearmed() {
+    let (model, regs, rx, tx) = device(MAC, 8, 8);
+    let handler_window = regs.clone();
+    let mut nic = E1000::new(regs, rx, tx, small()).unwrap();
+    nic.enable_interrupts(Duration::ZERO);
+    assert!(model.borrow_mut().deliver(&frame(1, 64)));
+    assert!(take_causes(&handler_window).received());
+    mask_interrupts(&handler_window);
+    assert!(model.borrow_mut().deliver(&frame(2, 64)));
+    assert!(!model.borrow().line_asserted(), "masked: no line");
+    arm_interrupts(&handler_window);
+    assert!(
+        model.borrow().line_asserted(),
+        "re-armed with a latched cause: the line at once"
+    );
+    assert!(take_causes(&handler_window).received());
+    assert!(!model.borrow().line_asserted());
+    assert_eq!(recv(&mut nic).unwrap(), frame(1, 64));
+    assert_eq!(recv(&mut nic).unwrap(), frame(2, 64));
+}
+
 #[test]
 fn causes_latched_before_enabling_do_not_raise_the_line() {
     let (model, mut nic) = start(small());
