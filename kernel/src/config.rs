@@ -35,7 +35,7 @@
 //! | `storage_addr` | this node's address on the storage network (the second NIC), with prefix length (QEMU user networking: `10.0.2.15/24`), or `dhcp` (a lease from the network's DHCP server); empty: none | none |
 //! | `iscsi_portal` | the shared storage's iSCSI portal on the storage network, `a.b.c.d[:port]` (port 3260 if omitted; qemu-run.sh sets the host's tgtd, e.g. `10.0.2.2:32712`); empty: none | none |
 //! | `peer.<node>` | the cluster-network address of node `<node>` (a node name), e.g. `peer.node2 = 10.10.0.2` | |
-//! | `nic_interrupts` | `on`: e1000 NICs raise their PCI interrupt (through the IOAPIC) and wake a sleeping node as frames arrive; `off`: they are polled at every pass and timer tick. Off by default: under QEMU, a node with interrupts on was seen to stop answering after its cluster link went down in the middle of a migration (tests/tests/migration.rs, link cut), cause not yet found | `off` |
+//! | `nic_interrupts` | `on`: e1000 NICs raise their PCI interrupt (through the IOAPIC) and wake a sleeping node as frames arrive; `off`: they are polled at every pass and timer tick. Off by default: under QEMU with the unix-socket link of qemu-run.sh, a node with interrupts on stopped answering after its cluster link went down mid-migration (tests/tests/migration.rs, link cut); QEMU's vCPU thread was then blocked sending into the link's socket | `off` |
 //!
 //! Values of `log_level`, `on_panic` and `storage_addr = dhcp` are matched ignoring ASCII case.
 //! Addresses are strict dotted quads (see [`net::addr`]): an interface address
