@@ -84,9 +84,8 @@ pub fn unclaimed(gsi: u32) -> (u64, bool) {
 
 /// Unmasks the receive interrupts of every attached NIC (masked by [`handle`] when it took
 /// one). The console loop calls it, interrupts off, right before it halts: a frame that came
-/// in since the last poll raises the line at once and ends the halt. Under a link that went
-/// down mid-transfer, handling every interrupt as it came and unmasking at once froze a node
-/// in the handler.
+/// in since the last poll raises the line at once and ends the halt. Masked between halts, a
+/// device that keeps raising causes costs one interrupt per sleep, never a storm.
 pub fn arm() {
     for nic in &NICS {
         if nic.vector.load(Ordering::Acquire) == 0 {

@@ -387,8 +387,8 @@ fn an_interrupt_handler_acknowledges_through_its_own_window() {
 }
 
 /// The handler masks what it acknowledged; a frame that arrives while masked raises no line
-/// until the poll loop re-arms, and then at once (a regression test: a node whose NIC kept
-/// raising causes after its link went down spent all its time in the handler).
+/// until the poll loop re-arms, and then at once (so a frame that came while masked still
+/// wakes a sleeping node).
 #[test]
 fn a_masked_nic_raises_its_line_again_only_when_rearmed() {
     let (model, regs, rx, tx) = device(MAC, 8, 8);
