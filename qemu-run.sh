@@ -32,10 +32,13 @@
 # 1's console (Ctrl-] leaves and stops every node); the line printed before attaching tells how to
 # reach the other nodes' consoles from another terminal. Logs stay in the run directory.
 #
-# Links: two nodes are wired NIC to NIC (QEMU -netdev stream over the unix socket DIR/link.sock;
-# a TCP socket, -netdev socket, held small frames for up to ~40 ms in one direction: Nagle on
-# QEMU's sender against delayed ACKs), three or more through a vde_switch started (and stopped)
-# here; the NIC MACs are 52:54:00:00:01:0K (K = node number).
+# Links: QEMU nodes' cluster NICs connect to frame-hub's learning switch on the unix socket
+# DIR/link.sock (-netdev stream, the node is the client). Each node has its own port with a
+# bounded queue, so a node that stops reading (frozen, its link cut) loses frames and never
+# blocks the others: QEMU 7.2 linked NIC to NIC (-netdev stream) blocks the sending vCPU once
+# the peer stops reading; -netdev socket (TCP) held small frames for up to ~40 ms (Nagle against
+# delayed ACKs); dgram and vde_switch dropped frames under a 512 KiB TCP window.
+# The NIC MACs are 52:54:00:00:01:0K (K = node number).
 # The cluster network on those links is 10.10.0.0/24, node K at 10.10.0.K: addresses that exist
 # only inside the emulated links (frames travel between the emulators over loopback).
 # The storage network (QEMU, two or more nodes): a second NIC per node on its own QEMU user-mode
@@ -458,15 +461,10 @@ done
 # ---------------------------------------------------------------------------------------------
 # Links
 # ---------------------------------------------------------------------------------------------
-SWITCH=""
-if [[ "$EMULATOR" == qemu && "$NODES" -ge 3 ]]; then
-    SWITCH="$RUN_DIR/switch"
-    rm -rf "$SWITCH"
-    # vde_switch quits on EOF on stdin: give it a FIFO held open read-write (never EOF).
-    mkfifo "$RUN_DIR/switch.in"
-    setpriv --pdeathsig TERM vde_switch --sock "$SWITCH" <>"$RUN_DIR/switch.in" >>"$RUN_DIR/switch.out" 2>&1 &
-    PROC_NAME[$!]="vde_switch"
-    wait_for "vde_switch" $! 10 test -S "$SWITCH/ctl" || exit 1
+if [[ "$EMULATOR" == qemu && "$NODES" -ge 2 ]]; then
+    rm -f "$RUN_DIR/link.sock" "$RUN_DIR/link.ready"
+    spawn "frame-hub" TERM "$RUN_DIR/link.out" "$HUB" --stream "$RUN_DIR/link.sock" --ready-file "$RUN_DIR/link.ready"
+    wait_for "frame-hub's link socket" "$SPAWNED_PID" 20 test -s "$RUN_DIR/link.ready" || exit 1
 fi
 
 mac_of() { printf '52:54:00:00:01:%02x' "$1"; }
@@ -507,14 +505,8 @@ start_qemu() {
     [[ "$FIRMWARE" == uefi ]] && args+=(-bios "$OVMF")
     if ((NODES == 1)); then
         net=(-nic none)
-    elif ((NODES == 2)); then
-        if ((k == 1)); then
-            net=(-netdev "stream,id=link,server=on,addr.type=unix,addr.path=$RUN_DIR/link.sock")
-        else
-            net=(-netdev "stream,id=link,server=off,addr.type=unix,addr.path=$RUN_DIR/link.sock")
-        fi
     else
-        net=(-netdev "vde,id=link,sock=$SWITCH")
+        net=(-netdev "stream,id=link,server=off,addr.type=unix,addr.path=$RUN_DIR/link.sock")
     fi
     if ((NODES >= 2)); then
         net+=(-device "$NIC,id=cluster,netdev=link,mac=$(mac_of "$k"),addr=0x3")
@@ -527,10 +519,6 @@ start_qemu() {
     spawn "node$k (qemu)" TERM "$RUN_DIR/node$k.emu.out" "${args[@]}" "${net[@]}"
     EMU_PIDS[k - 1]=$SPAWNED_PID
     echo "$SPAWNED_PID" >"$RUN_DIR/node$k.pid"
-    if ((NODES == 2 && k == 1)); then
-        # Node 2 connects to the link's socket once node 1's QEMU listens on it.
-        wait_for "node1's link socket" "$SPAWNED_PID" 20 test -S "$RUN_DIR/link.sock" || exit 1
-    fi
 }
 
 start_bochs() {

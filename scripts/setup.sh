@@ -34,13 +34,12 @@ say() { echo "setup: $*" >&2; }
 #   bochs bochsbios vgabios bochs-term
 #                        Bochs nodes (Intel VMX + EPT), BIOS only, terminal display library
 #   socat                attaches a terminal to a node's console socket
-#   vde2                 vde_switch: the link between three or more QEMU nodes
 #   util-linux           setpriv --pdeathsig: emulators die with the launcher, whatever kills it
 #   iproute2             ss: finding free loopback ports
 #   busybox-static cpio  the Linux baseline's initramfs (tests/tests/baseline.rs)
 #   tgt                  tgtd, the iSCSI target of the shared storage (qemu-run.sh, storage tests)
 #   libiscsi-bin         iscsi-ls, iscsi-inq...: host-side checks of the shared LUN
-PACKAGES=(qemu-system-x86 ovmf bochs bochsbios vgabios bochs-term socat vde2 util-linux iproute2
+PACKAGES=(qemu-system-x86 ovmf bochs bochsbios vgabios bochs-term socat util-linux iproute2
     busybox-static cpio tgt libiscsi-bin)
 
 missing=()

@@ -35,7 +35,7 @@
 //! | `storage_addr` | this node's address on the storage network (the second NIC), with prefix length (QEMU user networking: `10.0.2.15/24`), or `dhcp` (a lease from the network's DHCP server); empty: none | none |
 //! | `iscsi_portal` | the shared storage's iSCSI portal on the storage network, `a.b.c.d[:port]` (port 3260 if omitted; qemu-run.sh sets the host's tgtd, e.g. `10.0.2.2:32712`); empty: none | none |
 //! | `peer.<node>` | the cluster-network address of node `<node>` (a node name), e.g. `peer.node2 = 10.10.0.2` | |
-//! | `nic_interrupts` | `on`: e1000 NICs raise their PCI interrupt (through the IOAPIC) and wake a sleeping node as frames arrive; `off`: they are polled at every pass and timer tick. Off by default: under QEMU with the unix-socket link of qemu-run.sh, a node with interrupts on stopped answering after its cluster link went down mid-migration (tests/tests/migration.rs, link cut); QEMU's vCPU thread was then blocked sending into the link's socket | `off` |
+//! | `nic_interrupts` | `on`: e1000 NICs raise their PCI interrupt (through the IOAPIC) and wake a sleeping node as frames arrive; `off`: they are polled at every pass and timer tick, and a migration spins instead of sleeping between frames | `on` |
 //!
 //! Values of `log_level`, `on_panic` and `storage_addr = dhcp` are matched ignoring ASCII case.
 //! Addresses are strict dotted quads (see [`net::addr`]): an interface address
@@ -326,7 +326,7 @@ impl Default for NodeConfig {
             cluster_addr: None,
             storage_addr: None,
             iscsi_portal: None,
-            nic_interrupts: false,
+            nic_interrupts: true,
             peers: Vec::new(),
             extra: Vec::new(),
         }
@@ -426,7 +426,8 @@ impl NodeConfig {
     }
 
     /// Every key and its effective value: `name`, `log_level` and `on_panic`
-    /// (always present), `cluster_addr` and `storage_addr` (when set), the peers, then
+    /// (always present), `cluster_addr`, `storage_addr` and `iscsi_portal` (when set),
+    /// `nic_interrupts` (when off), the peers, then
     /// [`extra`](Self::extra) in order.
     pub fn entries(&self) -> Vec<(String, String)> {
         let mut entries = Vec::with_capacity(4 + self.peers.len() + self.extra.len());
@@ -442,8 +443,8 @@ impl NodeConfig {
         if let Some(portal) = self.iscsi_portal {
             entries.push(("iscsi_portal".into(), portal.to_string()));
         }
-        if self.nic_interrupts {
-            entries.push(("nic_interrupts".into(), "on".into()));
+        if !self.nic_interrupts {
+            entries.push(("nic_interrupts".into(), "off".into()));
         }
         for peer in &self.peers {
             entries.push((format!("{PEER_PREFIX}{}", peer.name), peer.addr.to_string()));
@@ -641,14 +642,14 @@ mod tests {
     }
 
     #[test]
-    fn nic_interrupts_are_off_unless_asked_for() {
+    fn nic_interrupts_are_on_unless_turned_off() {
         let (config, _) = NodeConfig::parse(b"nic_interrupts = ON\n").unwrap();
         assert!(config.nic_interrupts);
+        let (config, _) = NodeConfig::parse(b"nic_interrupts = Off\n").unwrap();
+        assert!(!config.nic_interrupts);
         assert!(config
             .entries()
-            .contains(&("nic_interrupts".into(), "on".into())));
-        let (config, _) = NodeConfig::parse(b"nic_interrupts = off\n").unwrap();
-        assert!(!config.nic_interrupts);
+            .contains(&("nic_interrupts".into(), "off".into())));
         let err = NodeConfig::parse(b"nic_interrupts = maybe\n").unwrap_err();
         assert!(format!("{err}").contains("on or off"), "{err}");
     }
@@ -664,7 +665,7 @@ mod tests {
         assert_eq!(d.name, "node");
         assert_eq!(d.log_level, LevelFilter::Info);
         assert_eq!(d.on_panic, OnPanic::Halt);
-        assert!(!d.nic_interrupts);
+        assert!(d.nic_interrupts);
         assert!(d.extra.is_empty());
     }
 

@@ -40,6 +40,7 @@
 pub mod guest_disk;
 pub mod hub;
 pub mod linux_guest;
+pub mod switch;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -75,7 +76,7 @@ pub enum Emulator {
 /// What [`Cluster::start`] boots.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
-    /// Number of nodes (1..=99). Two are linked NIC to NIC, three or more through a switch.
+    /// Number of nodes (1..=99); two or more are linked through a switch (frame-hub).
     pub nodes: usize,
     pub firmware: Firmware,
     pub emulator: Emulator,

@@ -1,6 +1,6 @@
 //! The Linux baseline for `net bench` (issue 4, item 7): two plain Linux guests under QEMU TCG,
-//! linked as our two nodes are (an e1000 NIC each, `-netdev stream` server/client on a unix
-//! socket), move 64 MiB over TCP with busybox `nc`; the sender times the transfer inside
+//! linked as our two nodes are (an e1000 NIC each, `-netdev stream` clients of the switch of
+//! `tests::switch` on a unix socket), move 64 MiB over TCP with busybox `nc`; the sender times the transfer inside
 //! the guest and the receiver counts the bytes that arrived. The figure goes to
 //! target/bench/net-baseline.txt, next to our kernel's figures from target/bench/net-bench.txt
 //! when that file is there (./run-tests.sh runs this test after net.rs for that).
@@ -19,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tests::linux_guest::{build_initramfs, linux_dir, linux_package, Guest};
+use tests::switch::{StreamSwitch, DEFAULT_PORT_QUEUE};
 
 /// What the sender moves: the amount of our 64 MiB `net send`.
 const BYTES: u64 = 64 << 20;
@@ -63,7 +64,7 @@ poweroff -f
 "#;
 
 /// A guest of the emulated link: `role` (recv or send), the options of its `-netdev stream`
-/// `link` (server or client end of the link's unix socket), its NIC's `mac`.
+/// `link` (the switch's unix socket), its NIC's `mac`.
 fn start_guest(dir: &Path, role: &str, link: &str, mac: &str) -> io::Result<Guest> {
     Guest::start(
         dir,
@@ -121,33 +122,13 @@ fn linux_baseline_tcp_throughput() {
     let e1000 = linux_dir().join("e1000.ko");
     build_initramfs(&dir, &init, &[(&e1000, "e1000.ko")]).unwrap();
 
-    // The link, as qemu-run.sh wires two nodes: a unix stream socket (the receiver's QEMU
-    // listens on it, the sender's connects).
+    // The link, as qemu-run.sh wires nodes: both QEMUs connect to a switch's unix socket.
     let link = dir.join("link.sock");
-    let mut recv = start_guest(
-        &dir,
-        "recv",
-        &format!("server=on,addr.type=unix,addr.path={}", link.display()),
-        "52:54:00:00:03:01",
-    )
-    .unwrap();
-    let listening = Instant::now();
-    while !link.exists() {
-        assert!(
-            recv.running() && listening.elapsed() < Duration::from_secs(20),
-            "the receiver's QEMU does not listen on {}\n{}",
-            link.display(),
-            recv.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let send = start_guest(
-        &dir,
-        "send",
-        &format!("server=off,addr.type=unix,addr.path={}", link.display()),
-        "52:54:00:00:03:02",
-    )
-    .unwrap();
+    let switch = StreamSwitch::bind(&link, DEFAULT_PORT_QUEUE).unwrap();
+    thread::spawn(move || switch.run());
+    let client = format!("server=off,addr.type=unix,addr.path={}", link.display());
+    let recv = start_guest(&dir, "recv", &client, "52:54:00:00:03:01").unwrap();
+    let send = start_guest(&dir, "send", &client, "52:54:00:00:03:02").unwrap();
 
     // Both guests power off once the transfer is over (bounded: DEADLINE).
     let mut guests = [recv, send];
@@ -191,7 +172,7 @@ fn linux_baseline_tcp_throughput() {
     let mut report = String::new();
     writeln!(
         report,
-        "Linux baseline (QEMU TCG -cpu EPYC -m 256, e1000 over a -netdev stream unix-socket link; one run):\n\
+        "Linux baseline (QEMU TCG -cpu EPYC -m 256, e1000s linked through frame-hub's switch; one run):\n\
          \x20 10.20.0.2 -> 10.20.0.1, busybox dd | nc, 64 MiB: {mbs:.2} MB/s \
          ({BYTES} bytes received in {seconds:.2} s, timed in the sending guest)\n\
          \x20 Linux: Debian {package} (its e1000 module), busybox-static initramfs\n\

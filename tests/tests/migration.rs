@@ -602,7 +602,7 @@ fn migration_benchmark() {
     let idle = idle[idle.len() / 2].clone();
 
     let mut report = String::from(
-        "live migration, 64 MiB test guest (QEMU TCG nodes, e1000 over a -netdev stream unix-socket link):\n",
+        "live migration, 64 MiB test guest (QEMU TCG nodes, e1000s linked through frame-hub's switch):\n",
     );
     report.push_str(&format!(
         "  raw throughput node1 -> node2 (net bench node2 5): median {raw:.2} MB/s of {} ({} MB/s)\n",

@@ -7,7 +7,8 @@
 //! Every test boots nodes, so every test is `#[ignore]`d; `./run-tests.sh` runs them. By hand:
 //! `cargo test -p tests --test net -- --include-ignored --test-threads 2`.
 //! The addresses exist only inside the emulated links: frames travel between the emulators over
-//! 127.0.0.1 (QEMU socket/vde links, Bochs UDP links through frame-hub).
+//! the host (QEMU nodes through frame-hub's switch on a unix socket, Bochs nodes through its
+//! UDP hub on 127.0.0.1).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -298,7 +299,7 @@ fn bochs_pair() -> ClusterOptions {
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn bochs_nodes_ping_each_other_by_name_and_address() {
-    let mut cluster = Cluster::start(bochs_pair().with("nic_interrupts", "on")).unwrap();
+    let mut cluster = Cluster::start(bochs_pair()).unwrap();
     let show = cluster.console(1).command("net show").unwrap();
     assert!(show.contains("mac 52:54:00:00:01:01 (EEPROM)"), "{show}");
     let times = ping_both_ways(&mut cluster, secs(120));
@@ -482,51 +483,27 @@ fn malformed_ipv4_frames(count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Injects `frames` into a QEMU cluster's vde_switch (three or more nodes) through `vde_plug`,
-/// as a peer on the link would: vde_plug's standard input takes a 2-byte big-endian length,
-/// then the frame (the switch truncates frames over 1518 bytes and drops runts). Paced: 25
-/// frames every 20 ms. Returns once the plug has exited (bounded).
-fn inject_into_switch(switch: &std::path::Path, frames: &[Vec<u8>]) {
-    use std::process::{Command, Stdio};
-    let mut plug = Command::new("vde_plug")
-        .arg(switch)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("vde_plug (package vdeplug) runs");
-    // Let the switch register the new port before the first frame.
-    std::thread::sleep(Duration::from_millis(500));
-    {
-        let stdin = plug.stdin.as_mut().unwrap();
-        for (i, frame) in frames.iter().enumerate() {
-            let len = u16::try_from(frame.len()).unwrap();
-            stdin.write_all(&len.to_be_bytes()).unwrap();
-            stdin.write_all(frame).unwrap();
-            if i % 25 == 24 {
-                stdin.flush().unwrap();
-                std::thread::sleep(Duration::from_millis(20));
-            }
+/// Injects `frames` into a QEMU cluster's link as one more port of its switch (frame-hub on
+/// DIR/link.sock), framed as QEMU's `-netdev stream` frames them: a 4-byte big-endian length,
+/// then the frame, whatever its size (runts and giants reach the NICs). Paced: 25 frames every
+/// 20 ms.
+fn inject_into_switch(link: &std::path::Path, frames: &[Vec<u8>]) {
+    let mut port = std::os::unix::net::UnixStream::connect(link).expect("the link's switch");
+    for (i, frame) in frames.iter().enumerate() {
+        let len = u32::try_from(frame.len()).unwrap();
+        port.write_all(&len.to_be_bytes()).unwrap();
+        port.write_all(frame).unwrap();
+        if i % 25 == 24 {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        stdin.flush().unwrap();
     }
-    // vde_plug quits on end of input: give it time to pass the last frames on first.
+    // The switch reads a port until it closes: give it the last frames before closing.
     std::thread::sleep(secs(1));
-    drop(plug.stdin.take());
-    let deadline = std::time::Instant::now() + secs(5);
-    while plug.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = plug.kill();
-            let _ = plug.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The QEMU counterpart of `bochs_node_survives_garbage_frames`: 2000 random and malformed
 /// frames (runts, oversized, random ethertypes, ARP and IPv4 garbage, checksummed IPv4 headers
-/// with lying lengths) from a host-side plug on the cluster switch; node1 still answers its
+/// with lying lengths) from a host-side port on the cluster switch; node1 still answers its
 /// console, `net show` counts the frames, no bogus neighbor is learned, and the nodes still
 /// ping each other.
 #[test]
@@ -555,7 +532,7 @@ fn survives_garbage_frames(nic: Option<&str>) {
     let mut frames = garbage_frames(1500);
     frames.extend(malformed_ipv4_frames(500));
     let started = std::time::Instant::now();
-    inject_into_switch(&cluster.dir().join("switch"), &frames);
+    inject_into_switch(&cluster.dir().join("link.sock"), &frames);
     let took = started.elapsed();
     std::thread::sleep(secs(2));
     let console = cluster.console(1);
@@ -563,7 +540,7 @@ fn survives_garbage_frames(nic: Option<&str>) {
     assert!(help.contains("ping"), "help after the flood:\n{help}");
     let show = console.command("net show").unwrap();
     let after = counters(&show, "rx");
-    // Runts (1..13 bytes, a fifth of the random frames) never leave the switch.
+    // Some are dropped by the NIC (giants) or by its driver (runts).
     assert!(
         after.0 >= before.0 + 1000,
         "garbage never arrived: {before:?} -> {after:?}\n{show}"
@@ -647,7 +624,7 @@ fn qemu_nodes_bench_and_send_64_mib_intact() {
     assert!(show.contains("0 errors"), "{show}");
 
     let report = format!(
-        "net bench (QEMU TCG, e1000 over a -netdev stream unix-socket link; one run each):\n\
+        "net bench (QEMU TCG, e1000s linked through frame-hub's switch; one run each):\n\
          \x20 node1 -> node2, net bench node2 3:    {forward:.2} MB/s\n\
          \x20 node2 -> node1, net bench 10.10.0.1 3: {backward:.2} MB/s\n\
          \x20 node1 -> node2, net send node2 64:    {send:.2} MB/s (64 MiB, FNV-1a checksum confirmed)\n\
@@ -669,7 +646,7 @@ fn qemu_nodes_bench_and_send_64_mib_intact() {
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn qemu_nic_interrupts_wake_the_node() {
     let mut cluster =
-        Cluster::start(ClusterOptions::default().with("nic_interrupts", "on")).unwrap();
+        Cluster::start(ClusterOptions::default()).unwrap();
     wait_link_up(&mut cluster);
     for k in 1..=2 {
         let show = cluster.console(k).command("net show").unwrap();
@@ -879,7 +856,7 @@ fn reach_host(console: &mut Console, port: u16, text: &str, who: &str) {
 fn nodes_reach_a_host_listener_over_the_storage_network() {
     let (port, server) = host_listener(2);
     let mut cluster =
-        Cluster::start(ClusterOptions::default().with("nic_interrupts", "on")).unwrap();
+        Cluster::start(ClusterOptions::default()).unwrap();
     for k in 1..=2 {
         let console = cluster.console(k);
         let show = console.command("net show").unwrap();

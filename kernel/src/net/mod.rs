@@ -480,7 +480,7 @@ fn start_e1000(
         enable_e1000_interrupts(function, &mut nic, irq_window)
     } else {
         IrqMode::Polled(String::from(
-            "off in the node configuration (nic_interrupts = on enables them)",
+            "off in the node configuration (nic_interrupts = off)",
         ))
     };
     Ok((Nic::E1000(nic), mac_source, bar_addr, irq))

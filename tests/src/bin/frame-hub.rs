@@ -1,16 +1,23 @@
-//! frame-hub: links the NICs of emulated nodes on 127.0.0.1 (see `tests::hub`).
+//! frame-hub: links the NICs of emulated nodes.
 //!
-//! `frame-hub --link HUB_PORT:NODE_PORT ... [--ready-file FILE]`: for each link, receives the
-//! node's frames on 127.0.0.1:HUB_PORT and sends it the other nodes' frames at
-//! 127.0.0.1:NODE_PORT. A Bochs NIC with `ethmod=socket, ethdev=P` is the link `P+1:P`.
-//! Writes FILE once every port is bound; runs until killed.
+//! `frame-hub --link HUB_PORT:NODE_PORT ... [--ready-file FILE]`: a hub over UDP on 127.0.0.1
+//! (see `tests::hub`): for each link, receives the node's frames on 127.0.0.1:HUB_PORT and sends
+//! it the other nodes' frames at 127.0.0.1:NODE_PORT. A Bochs NIC with `ethmod=socket,
+//! ethdev=P` is the link `P+1:P`.
+//!
+//! `frame-hub --stream PATH [--ready-file FILE]`: a learning switch on the unix socket PATH
+//! for QEMU's `-netdev stream,server=off,addr.type=unix,addr.path=PATH` (see `tests::switch`).
+//!
+//! Writes FILE once listening; runs until killed.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 
 use tests::hub::{Hub, Link};
+use tests::switch::{StreamSwitch, DEFAULT_PORT_QUEUE};
 
-const USAGE: &str = "usage: frame-hub --link HUB_PORT:NODE_PORT ... [--ready-file FILE]";
+const USAGE: &str = "usage: frame-hub --link HUB_PORT:NODE_PORT ... [--ready-file FILE]\n       \
+                     frame-hub --stream PATH [--ready-file FILE]";
 
 fn main() -> ExitCode {
     match run() {
@@ -25,6 +32,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let mut links = Vec::new();
     let mut ready_file = None;
+    let mut stream = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -42,17 +50,29 @@ fn run() -> Result<(), String> {
                     node: at(node),
                 });
             }
+            "--stream" => stream = Some(value),
             "--ready-file" => ready_file = Some(value),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
+    }
+    let ready = |file: Option<String>| match file {
+        Some(file) => std::fs::write(&file, "ready\n").map_err(|e| format!("write {file}: {e}")),
+        None => Ok(()),
+    };
+    if let Some(path) = stream {
+        if !links.is_empty() {
+            return Err(format!("--stream and --link do not mix\n{USAGE}"));
+        }
+        let switch = StreamSwitch::bind(path.as_ref(), DEFAULT_PORT_QUEUE)
+            .map_err(|e| format!("listen on {path}: {e}"))?;
+        ready(ready_file)?;
+        return switch.run().map_err(|e| format!("accept on {path}: {e}"));
     }
     if links.len() < 2 {
         return Err(format!("a hub needs at least two links\n{USAGE}"));
     }
     let hub = Hub::bind(&links).map_err(|e| format!("bind: {e}"))?;
-    if let Some(file) = ready_file {
-        std::fs::write(&file, "ready\n").map_err(|e| format!("write {file}: {e}"))?;
-    }
+    ready(ready_file)?;
     for handle in hub.spawn() {
         let _ = handle.join();
     }

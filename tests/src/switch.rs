@@ -1,0 +1,391 @@
+//! An Ethernet switch for QEMU's `-netdev stream` NICs on a unix socket: the cluster link of
+//! QEMU nodes (`qemu-run.sh`, the Linux baseline).
+//!
+//! Each QEMU connects to the switch's socket (`-netdev stream,server=off,addr.type=unix,...`)
+//! and the connection is a switch port. QEMU frames its stream as a 4-byte big-endian length
+//! followed by the Ethernet frame. The switch learns source MACs and sends a unicast frame to
+//! the port that owns its destination, or floods it (broadcast, multicast, unknown MAC).
+//!
+//! Why not QEMU's own links: a node that listens while its peer connects (`server=on/off`)
+//! blocks its vCPU thread in the socket send once the peer stops reading (QEMU 7.2 leaves that
+//! socket blocking), so cutting one node's link froze the other; `-netdev socket` (TCP) held
+//! frames up to ~40 ms (Nagle against delayed ACKs); `dgram` and vde drop frames under a 512 KiB
+//! TCP window. Here every port has its own reader, which never waits for another port, and its
+//! own writer with a bounded queue: a port whose QEMU stops reading (a node frozen, its NIC
+//! link cut) loses the frames beyond its queue, as a real switch port would, and never slows
+//! or blocks the others.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+
+/// Largest frame accepted from a port (QEMU's stream netdev carries frames up to 64 KiB with
+/// offloads; an e1000 without them sends at most 1518 bytes). A longer length closes the port.
+pub const MAX_FRAME: usize = 65536;
+
+/// Default bytes queued for one port before its frames are dropped: two 512 KiB TCP windows.
+pub const DEFAULT_PORT_QUEUE: usize = 1 << 20;
+
+/// A bound switch; [`StreamSwitch::run`] accepts ports until the process ends.
+pub struct StreamSwitch {
+    listener: UnixListener,
+    fabric: Arc<Fabric>,
+}
+
+/// Counts a running switch's ports: see [`StreamSwitch::ports`].
+#[derive(Clone)]
+pub struct PortCount(Arc<Fabric>);
+
+impl PortCount {
+    pub fn get(&self) -> usize {
+        self.0.ports.lock().unwrap().len()
+    }
+}
+
+/// What every port's reader shares: the live ports and the learned MAC table.
+struct Fabric {
+    ports: Mutex<Vec<Arc<Port>>>,
+    macs: Mutex<HashMap<[u8; 6], usize>>,
+    port_queue: usize,
+}
+
+/// The sending half of a port: frames queued for it, written by its own thread.
+struct Port {
+    id: usize,
+    outbox: Mutex<Outbox>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// Encoded records (length + frame) not yet written.
+    queued: Vec<u8>,
+    closed: bool,
+    forwarded: u64,
+    dropped: u64,
+}
+
+impl StreamSwitch {
+    /// Listens on the unix socket `path` (which must not exist), queueing at most `port_queue`
+    /// bytes for each port.
+    pub fn bind(path: &Path, port_queue: usize) -> io::Result<StreamSwitch> {
+        Ok(StreamSwitch {
+            listener: UnixListener::bind(path)?,
+            fabric: Arc::new(Fabric {
+                ports: Mutex::new(Vec::new()),
+                macs: Mutex::new(HashMap::new()),
+                port_queue,
+            }),
+        })
+    }
+
+    /// A handle that counts the switch's connected ports (for callers waiting on peers).
+    pub fn ports(&self) -> PortCount {
+        PortCount(Arc::clone(&self.fabric))
+    }
+
+    /// Accepts ports (one reader and one writer thread each) until the listener fails.
+    pub fn run(self) -> io::Result<()> {
+        for (id, stream) in self.listener.incoming().enumerate() {
+            let stream = stream?;
+            let port = Arc::new(Port {
+                id,
+                outbox: Mutex::new(Outbox::default()),
+                wake: Condvar::new(),
+            });
+            let writer = stream.try_clone()?;
+            self.fabric.ports.lock().unwrap().push(Arc::clone(&port));
+            eprintln!("frame-hub: port {id} connected");
+            let out = Arc::clone(&port);
+            thread::spawn(move || write_port(&out, writer));
+            let fabric = Arc::clone(&self.fabric);
+            let closer = stream.try_clone()?;
+            thread::spawn(move || {
+                let why = read_port(&fabric, id, stream);
+                fabric.remove(&port);
+                let _ = closer.shutdown(std::net::Shutdown::Both);
+                let outbox = port.outbox.lock().unwrap();
+                eprintln!(
+                    "frame-hub: port {id} closed ({why}); {} frames delivered to it, {} dropped",
+                    outbox.forwarded, outbox.dropped
+                );
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads frames from port `id` and switches them, until the peer closes or misbehaves.
+fn read_port(fabric: &Fabric, id: usize, stream: UnixStream) -> String {
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut record = Vec::with_capacity(4 + MAX_FRAME);
+    loop {
+        let mut header = [0u8; 4];
+        if let Err(e) = reader.read_exact(&mut header) {
+            return match e.kind() {
+                io::ErrorKind::UnexpectedEof => "end of stream".to_string(),
+                _ => format!("read: {e}"),
+            };
+        }
+        let len = u32::from_be_bytes(header) as usize;
+        if len == 0 || len > MAX_FRAME {
+            return format!("bad frame length {len}");
+        }
+        record.clear();
+        record.extend_from_slice(&header);
+        record.resize(4 + len, 0);
+        if let Err(e) = reader.read_exact(&mut record[4..]) {
+            return format!("truncated frame: {e}");
+        }
+        fabric.switch(id, &record);
+    }
+}
+
+/// Writes what is queued for `port`, a batch per system call, until the port closes.
+fn write_port(port: &Port, mut stream: UnixStream) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut outbox = port.outbox.lock().unwrap();
+            while outbox.queued.is_empty() && !outbox.closed {
+                outbox = port.wake.wait(outbox).unwrap();
+            }
+            if outbox.closed {
+                return;
+            }
+            batch.clear();
+            std::mem::swap(&mut batch, &mut outbox.queued);
+        }
+        if stream.write_all(&batch).is_err() {
+            port.close();
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}
+
+impl Fabric {
+    /// Queues `record` (length + frame) from port `from` on the ports it is for.
+    fn switch(&self, from: usize, record: &[u8]) {
+        let frame = &record[4..];
+        let mut to = None;
+        if frame.len() >= 14 {
+            let dst: [u8; 6] = frame[..6].try_into().unwrap();
+            let src: [u8; 6] = frame[6..12].try_into().unwrap();
+            let mut macs = self.macs.lock().unwrap();
+            if src[0] & 1 == 0 {
+                macs.insert(src, from);
+            }
+            if dst[0] & 1 == 0 {
+                to = macs.get(&dst).copied();
+            }
+        }
+        if to == Some(from) {
+            return; // for a station on the port it came from
+        }
+        for port in self.ports.lock().unwrap().iter() {
+            if port.id != from && to.is_none_or(|t| t == port.id) {
+                port.enqueue(record, self.port_queue);
+            }
+        }
+    }
+
+    fn remove(&self, port: &Arc<Port>) {
+        port.close();
+        self.ports.lock().unwrap().retain(|p| p.id != port.id);
+        self.macs.lock().unwrap().retain(|_, id| *id != port.id);
+    }
+}
+
+impl Port {
+    fn enqueue(&self, record: &[u8], limit: usize) {
+        let mut outbox = self.outbox.lock().unwrap();
+        if outbox.closed {
+            return;
+        }
+        if outbox.queued.len() + record.len() > limit {
+            outbox.dropped += 1;
+            return;
+        }
+        outbox.queued.extend_from_slice(record);
+        outbox.forwarded += 1;
+        drop(outbox);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.outbox.lock().unwrap().closed = true;
+        self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    /// A switch on a fresh socket path, running in the background.
+    fn switch(port_queue: usize) -> (PathBuf, PortCount) {
+        let dir = std::env::temp_dir().join(format!(
+            "switch-test-{}-{:?}",
+            std::process::id(),
+            thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("link.sock");
+        let sw = StreamSwitch::bind(&path, port_queue).unwrap();
+        let ports = sw.ports();
+        thread::spawn(move || sw.run());
+        (path, ports)
+    }
+
+    /// Connects a port and waits until the switch has registered it: a frame sent before
+    /// then would not reach the new port.
+    fn connect((path, ports): &(PathBuf, PortCount)) -> UnixStream {
+        let before = ports.get();
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = Instant::now();
+        while ports.get() == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "port not registered"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        s
+    }
+
+    fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn send(s: &mut UnixStream, frame: &[u8]) {
+        let mut rec = (frame.len() as u32).to_be_bytes().to_vec();
+        rec.extend_from_slice(frame);
+        s.write_all(&rec).unwrap();
+    }
+
+    fn recv(s: &mut UnixStream) -> io::Result<Vec<u8>> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut f)?;
+        Ok(f)
+    }
+
+    const A: [u8; 6] = [0x52, 0x54, 0, 0, 1, 1];
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 1, 2];
+    const C: [u8; 6] = [0x52, 0x54, 0, 0, 1, 3];
+    const BROADCAST: [u8; 6] = [0xff; 6];
+
+    #[test]
+    fn frames_cross_in_both_directions_whole_and_in_order() {
+        let sw = switch(DEFAULT_PORT_QUEUE);
+        let mut a = connect(&sw);
+        let mut b = connect(&sw);
+        for i in 0..100u32 {
+            let f = frame(B, A, &vec![i as u8; 60 + i as usize * 14]);
+            send(&mut a, &f);
+            assert_eq!(recv(&mut b).unwrap(), f);
+        }
+        let back = frame(A, B, b"reply");
+        send(&mut b, &back);
+        assert_eq!(recv(&mut a).unwrap(), back);
+    }
+
+    #[test]
+    fn learned_unicast_goes_to_one_port_broadcast_to_all_others() {
+        let sw = switch(DEFAULT_PORT_QUEUE);
+        let mut a = connect(&sw);
+        let mut b = connect(&sw);
+        let mut c = connect(&sw);
+        // B and C announce themselves: the others see each broadcast, the sender does not.
+        let hello_b = frame(BROADCAST, B, b"arp b");
+        send(&mut b, &hello_b);
+        assert_eq!(recv(&mut a).unwrap(), hello_b);
+        assert_eq!(recv(&mut c).unwrap(), hello_b);
+        let hello_c = frame(BROADCAST, C, b"arp c");
+        send(&mut c, &hello_c);
+        assert_eq!(recv(&mut a).unwrap(), hello_c);
+        assert_eq!(recv(&mut b).unwrap(), hello_c);
+        // A -> B and A -> C: each is the next frame its station reads, so neither unicast
+        // reached the other station.
+        let to_b = frame(B, A, b"to b");
+        let to_c = frame(C, A, b"to c");
+        send(&mut a, &to_b);
+        send(&mut a, &to_c);
+        assert_eq!(recv(&mut b).unwrap(), to_b);
+        assert_eq!(recv(&mut c).unwrap(), to_c);
+        // Unknown destination: flooded.
+        let unknown = frame([0x52, 0x54, 0, 0, 9, 9], C, b"who");
+        send(&mut c, &unknown);
+        assert_eq!(recv(&mut a).unwrap(), unknown);
+        assert_eq!(recv(&mut b).unwrap(), unknown);
+    }
+
+    #[test]
+    fn a_port_that_stops_reading_loses_frames_and_never_blocks_the_sender() {
+        let queue = 64 * 1024;
+        let sw = switch(queue);
+        let mut a = connect(&sw);
+        let mut b = connect(&sw); // never reads until the end
+        let f = frame(B, A, &[7u8; 1500]);
+        // Far more than the socket buffers and the port queue together; the writes complete
+        // because the switch keeps reading A whatever B does (a blocked write would hang the
+        // test, whose runner reports it).
+        for _ in 0..20_000 {
+            send(&mut a, &f);
+        }
+        // A still reaches B's side of the switch afterwards, and B can drain what was kept.
+        let started = Instant::now();
+        let mut got = 0;
+        b.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        while recv(&mut b).is_ok() {
+            got += 1;
+            assert!(started.elapsed() < Duration::from_secs(60));
+        }
+        assert!(got > 0, "B got nothing");
+        assert!(got < 20_000, "B got every frame: nothing was dropped");
+    }
+
+    #[test]
+    fn a_malformed_or_closed_port_leaves_the_others_linked() {
+        let sw = switch(DEFAULT_PORT_QUEUE);
+        let mut a = connect(&sw);
+        let mut b = connect(&sw);
+        let mut bad = connect(&sw);
+        bad.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            bad.read(&mut buf).unwrap(),
+            0,
+            "the switch did not close the bad port"
+        );
+        let gone = connect(&sw);
+        drop(gone);
+        let started = Instant::now();
+        while sw.1.get() > 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "closed ports stay"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        let f = frame(BROADCAST, A, b"still here");
+        send(&mut a, &f);
+        assert_eq!(recv(&mut b).unwrap(), f);
+    }
+}
