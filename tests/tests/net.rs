@@ -645,8 +645,7 @@ fn qemu_nodes_bench_and_send_64_mib_intact() {
 #[test]
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn qemu_nic_interrupts_wake_the_node() {
-    let mut cluster =
-        Cluster::start(ClusterOptions::default()).unwrap();
+    let mut cluster = Cluster::start(ClusterOptions::default()).unwrap();
     wait_link_up(&mut cluster);
     for k in 1..=2 {
         let show = cluster.console(k).command("net show").unwrap();
@@ -855,8 +854,7 @@ fn reach_host(console: &mut Console, port: u16, text: &str, who: &str) {
 #[ignore = "end-to-end: boots nodes; run ./run-tests.sh"]
 fn nodes_reach_a_host_listener_over_the_storage_network() {
     let (port, server) = host_listener(2);
-    let mut cluster =
-        Cluster::start(ClusterOptions::default()).unwrap();
+    let mut cluster = Cluster::start(ClusterOptions::default()).unwrap();
     for k in 1..=2 {
         let console = cluster.console(k);
         let show = console.command("net show").unwrap();
