@@ -53,8 +53,8 @@ struct Fabric {
     port_queue: usize,
 }
 
-/// The sending half of a port: frames go out at once from the reader that switched them when
-/// the port keeps up; what it does not take waits in the outbox for the port's own writer.
+/// The sending half of a port: readers queue frames in its outbox and send them once their
+/// read is switched; what the socket does not take then is left to the port's own writer.
 struct Port {
     id: usize,
     /// The port's connection, for sends that must not block (see [`Port::enqueue`]).
@@ -150,6 +150,18 @@ fn read_port(fabric: &Fabric, id: usize, stream: UnixStream) -> String {
             return format!("truncated frame: {e}");
         }
         fabric.switch(id, &record);
+        if !holds_a_frame(reader.buffer()) {
+            // The frames one read brought are switched: one send per port for all of them.
+            fabric.flush();
+        }
+    }
+}
+
+/// Whether `buffered` starts with a whole record (length + frame).
+fn holds_a_frame(buffered: &[u8]) -> bool {
+    match buffered.first_chunk::<4>() {
+        Some(len) => buffered.len() >= 4 + u32::from_be_bytes(*len) as usize,
+        None => false,
     }
 }
 
@@ -228,6 +240,13 @@ impl Fabric {
         }
     }
 
+    /// Sends what the readers queued, on every port (see [`Port::flush`]).
+    fn flush(&self) {
+        for port in self.ports.lock().unwrap().iter() {
+            port.flush();
+        }
+    }
+
     fn remove(&self, port: &Arc<Port>) {
         port.close();
         self.ports.lock().unwrap().retain(|p| p.id != port.id);
@@ -258,25 +277,27 @@ impl Port {
         }
         outbox.dropping = false;
         outbox.forwarded += 1;
-        let mut rest = record;
-        if outbox.queued.is_empty() && !outbox.writing {
-            // The port keeps up: send from here, sparing a hand-over to the writer thread per
-            // frame (two context switches, ~80000 frames a second at full speed, on a machine
-            // whose cores the emulators need). Under the lock, so no frame overtakes another.
-            match send_now(&self.stream, record) {
-                Ok(sent) => rest = &record[sent..],
-                // The peer is gone: its reader closes the port.
-                Err(_) => return,
-            }
-            if rest.is_empty() {
-                return;
-            }
+        outbox.queued.extend_from_slice(record);
+    }
+
+    /// Sends what is queued from the calling reader, without waiting: a hand-over to the
+    /// writer thread costs two context switches, and at full speed (~80000 frames a second)
+    /// those cost the emulators the cores they need. Under the lock, so nothing overtakes a
+    /// batch the writer is writing; what the socket does not take now is left to the writer.
+    fn flush(&self) {
+        let mut outbox = self.outbox.lock().unwrap();
+        if outbox.closed || outbox.writing || outbox.queued.is_empty() {
+            return;
         }
-        // The writer waits only on an empty queue.
-        let was_empty = outbox.queued.is_empty();
-        outbox.queued.extend_from_slice(rest);
-        drop(outbox);
-        if was_empty {
+        match send_now(&self.stream, &outbox.queued) {
+            Ok(sent) => {
+                outbox.queued.drain(..sent);
+            }
+            // The peer is gone: its reader closes the port.
+            Err(_) => return,
+        }
+        if !outbox.queued.is_empty() {
+            drop(outbox);
             self.wake.notify_one();
         }
     }
