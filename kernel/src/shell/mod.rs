@@ -149,17 +149,36 @@ fn sleep_unless_woken(woken: u64) {
 }
 
 /// What a console command that waits for the network does between two polls: the VM slices
-/// (their lines go to the console) and their disk completions, or a halt until the next tick
-/// when no VM is runnable. VMs never stall for longer than one poll while the console waits.
-fn idle(vms: &mut crate::vm::VmTable) {
-    vms.run_slice(&mut |name, bytes| {
-        crate::print!("[{name}] ");
-        serial::write_bytes(bytes);
-        serial::write_bytes(b"\r\n");
-    });
-    vms.poll_disks();
-    if !vms.any_runnable() {
-        sleep_unless_woken(crate::net::irq::wakeups());
+/// (their lines go to the console) and their disk completions, or a halt until the next
+/// interrupt when no VM is runnable. VMs never stall for longer than one poll while the
+/// console waits.
+///
+/// It keeps the NIC wake-up count read after its last halt, before the caller polls again: a
+/// frame whose interrupt came after that poll ends the next halt at once instead of waiting
+/// for the timer tick.
+struct Idler {
+    woken: u64,
+}
+
+impl Idler {
+    /// Made before the caller's first poll.
+    fn new() -> Self {
+        Idler {
+            woken: crate::net::irq::wakeups(),
+        }
+    }
+
+    fn idle(&mut self, vms: &mut crate::vm::VmTable) {
+        vms.run_slice(&mut |name, bytes| {
+            crate::print!("[{name}] ");
+            serial::write_bytes(bytes);
+            serial::write_bytes(b"\r\n");
+        });
+        vms.poll_disks();
+        if !vms.any_runnable() {
+            sleep_unless_woken(self.woken);
+        }
+        self.woken = crate::net::irq::wakeups();
     }
 }
 

@@ -280,7 +280,8 @@ fn connect_cmd(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     let mut text = words.join(" ");
     text.push('\n');
     let Node { net, vms, .. } = node;
-    let mut idle = || super::idle(vms);
+    let mut idler = super::Idler::new();
+    let mut idle = || idler.idle(vms);
     let (local, reply) = net
         .send_text(
             ip,

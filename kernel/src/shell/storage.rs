@@ -14,7 +14,7 @@ use ::storage::LunPath;
 use kernel::config::ISCSI_DEFAULT_PORT;
 use kernel::console::shell::CommandError;
 
-use super::{idle, Node};
+use super::{Idler, Node};
 use crate::storage::attachment::{Outcome, Procedure, Ticket};
 use crate::storage::survey;
 use crate::vm::{DiskSpec, VmSpec};
@@ -50,7 +50,8 @@ pub fn iscsi(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
             let portal = portal(node, rest.first())?;
             let config = node.storage.session_config(None);
             let Node { net, vms, .. } = node;
-            let targets = survey::discover(net, &mut || idle(vms), portal, config)
+            let mut idler = Idler::new();
+            let targets = survey::discover(net, &mut || idler.idle(vms), portal, config)
                 .map_err(|e| CommandError::Failed(format!("discovery at {portal}: {e}")))?;
             writeln!(out, "{} target(s) at {portal}:", targets.len()).map_err(out_err)?;
             for target in &targets {
@@ -114,16 +115,17 @@ pub fn disk(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
     }
     let portal = portal(node, rest.first())?;
     let config = node.storage.session_config(None);
+    let mut idler = Idler::new();
     let targets = {
         let Node { net, vms, .. } = node;
-        survey::discover(net, &mut || idle(vms), portal, config)
+        survey::discover(net, &mut || idler.idle(vms), portal, config)
             .map_err(|e| CommandError::Failed(format!("discovery at {portal}: {e}")))?
     };
     let mut luns = Vec::new();
     for target in &targets {
         let config = node.storage.session_config(Some(&target.name));
         let Node { net, vms, .. } = node;
-        let found = survey::luns(net, &mut || idle(vms), portal, config, &target.name)
+        let found = survey::luns(net, &mut || idler.idle(vms), portal, config, &target.name)
             .map_err(|e| CommandError::Failed(format!("{}: {e}", target.name)))?;
         luns.extend(found);
     }
@@ -158,6 +160,7 @@ pub fn disk(node: &mut Node, args: &[&str], out: &mut dyn Write) -> Result {
 /// Waits for a procedure on an attached LUN.
 fn wait(node: &mut Node, path: &LunPath, ticket: Ticket) -> core::result::Result<Outcome, String> {
     let deadline = crate::clock::uptime_ms() + PROCEDURE_TIMEOUT_MS;
+    let mut idler = Idler::new();
     loop {
         let (lines, _) = node.storage.poll(&mut node.net);
         for line in lines {
@@ -173,7 +176,7 @@ fn wait(node: &mut Node, path: &LunPath, ticket: Ticket) -> core::result::Result
             ));
         }
         node.net.poll();
-        idle(&mut node.vms);
+        idler.idle(&mut node.vms);
     }
 }
 
