@@ -204,6 +204,12 @@ fn err<T>(msg: impl Into<String>) -> Result<T, HarnessError> {
 /// benchmarks run the same workload. 12 MiB: what the Linux guest's free memory allows.
 pub const BENCH_DIRTY_HOT_PAGES: u64 = 3072;
 
+/// The downtime target of the benchmark's migrations (`migrate ... downtime=`, the kernel's
+/// default), which QEMU's reference also runs with (`downtime-limit`) for a like-for-like row
+/// next to its own default of 300 ms: bytes on the wire depend on how much may be left for the
+/// pause.
+pub const BENCH_DOWNTIME_MS: u64 = 10;
+
 /// The workspace root (where qemu-run.sh lives).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

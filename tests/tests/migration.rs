@@ -194,7 +194,10 @@ fn migrate_and_check(cluster: &mut Cluster, from: usize, to: usize) -> Summary {
     let source_text_start = cluster.console(from).output().len();
     let (_, out) = cluster
         .console(from)
-        .command_amid_output(&format!("migrate vm1 {to_name}"))
+        .command_amid_output(&format!(
+            "migrate vm1 {to_name} downtime={}",
+            tests::BENCH_DOWNTIME_MS
+        ))
         .unwrap();
     assert!(
         out.contains(&format!("migrating vm1 to {to_name}")),
@@ -616,6 +619,11 @@ fn migration_benchmark() {
         "  idle: the median (by stream MB/s) of {} migrations node1 -> node2 ({} MB/s)\n",
         idle_runs.len(),
         idle_runs.join(", ")
+    ));
+    report.push_str(&format!(
+        "  downtime target {} ms (migrate ... downtime=; QEMU's reference has a row with the same \
+         downtime-limit)\n",
+        tests::BENCH_DOWNTIME_MS
     ));
     report.push_str(
         "  downtime: from the pause until the destination acknowledged (it resumes the VM first); \
