@@ -95,7 +95,15 @@ struct ActivePing {
 }
 
 /// An interface with its sockets.
-pub struct Stack<D: Device> {
+/// A device whose transmit tokens may only queue frames for the hardware: [`Stack::poll`]
+/// calls `flush_tx` once its egress is done, so a burst costs one doorbell write instead of one
+/// per frame (under emulation each is a trip into the emulator).
+pub trait TxFlush {
+    /// Hands every frame queued since the last call to the hardware.
+    fn flush_tx(&mut self);
+}
+
+pub struct Stack<D: Device + TxFlush> {
     device: D,
     iface: Interface,
     sockets: SocketSet<'static>,
@@ -224,7 +232,7 @@ fn from_smol(ip: Ipv4Address) -> Ipv4 {
     Ipv4(ip.octets())
 }
 
-impl<D: Device> Stack<D> {
+impl<D: Device + TxFlush> Stack<D> {
     /// An interface with station address `mac` (unicast) and optionally an IPv4 address.
     /// `seed` varies TCP initial sequence numbers and ports between boots.
     pub fn new(
@@ -371,6 +379,7 @@ impl<D: Device> Stack<D> {
             }
             sending = true;
         }
+        self.device.flush_tx();
         // The client gives up an expired lease while sending.
         self.poll_dhcp(now);
         let sockets = &mut self.sockets;

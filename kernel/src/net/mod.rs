@@ -35,7 +35,7 @@ use ::net::neighbors::Neighbor;
 use ::net::pci::{PciAddress, PciFunction};
 use ::net::smoltcp::phy::{Device, DeviceCapabilities, RxToken, TxToken};
 use ::net::smoltcp::time::Instant;
-use ::net::stack::{PingError, Stack, TcpTransport};
+use ::net::stack::{PingError, Stack, TcpTransport, TxFlush};
 use ::net::transport::{Transport, TransportError};
 use ::net::virtio::{self, VirtioNet};
 use ::net::virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
@@ -95,6 +95,15 @@ impl TxToken for NicTx<'_> {
         match self {
             NicTx::E1000(t) => t.consume(len, f),
             NicTx::Virtio(t) => t.consume(len, f),
+        }
+    }
+}
+
+impl TxFlush for Nic {
+    fn flush_tx(&mut self) {
+        match self {
+            Nic::E1000(d) => d.flush_tx(),
+            Nic::Virtio(d) => d.flush_tx(),
         }
     }
 }
@@ -556,6 +565,7 @@ impl Net {
         match iface.stack.device_mut().transmit(now()) {
             Some(token) => {
                 token.consume(frame.len(), |buf| buf.copy_from_slice(frame));
+                iface.stack.device_mut().flush_tx();
                 true
             }
             None => false,

@@ -294,6 +294,8 @@ struct TxRing<M> {
     mem: M,
     ring: Ring,
     idx: TxIndices,
+    /// Frames were queued since the tail was last written.
+    unflushed: bool,
     packets: u64,
     bytes: u64,
     dropped: u64,
@@ -315,6 +317,13 @@ pub struct E1000<R: Mmio, M: DmaRegion> {
     rx: RxRing<M>,
     tx: TxRing<M>,
     missed: u64,
+}
+
+impl<R: Mmio, M: DmaRegion> crate::stack::TxFlush for E1000<R, M> {
+    /// Writes the transmit tail once for every frame queued since the last call.
+    fn flush_tx(&mut self) {
+        self.tx.flush(&self.regs);
+    }
 }
 
 impl<R: Mmio, M: DmaRegion> E1000<R, M> {
@@ -380,6 +389,7 @@ impl<R: Mmio, M: DmaRegion> E1000<R, M> {
             mem: tx_mem,
             ring: tx_ring,
             idx: TxIndices::new(tx_ring),
+            unflushed: false,
             packets: 0,
             bytes: 0,
             dropped: 0,
@@ -586,12 +596,14 @@ impl<M: DmaRegion> TxRing<M> {
         }
     }
 
-    /// Sends a frame of `len` bytes that `f` writes.
+    /// Queues a frame of `len` bytes that `f` writes; [`flush`](Self::flush) hands it to the
+    /// device (a full ring is flushed first, so its frames can complete).
     fn send<T>(&mut self, regs: &impl Mmio, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
         if !(1..=BUF_SIZE).contains(&len) {
             return self.drop_frame(len, f);
         }
         if self.idx.free() == 0 {
+            self.flush(regs);
             self.reclaim();
         }
         let Some(index) = self.idx.push() else {
@@ -602,11 +614,19 @@ impl<M: DmaRegion> TxRing<M> {
             .with_bytes_mut(buf_offset(self.ring, index), len, f);
         self.mem
             .write_u64(desc_offset(index) + 8, TxDesc::frame(len as u16).encode());
-        fence(Ordering::SeqCst);
-        regs.write32(regs::TDT, u32::from(self.idx.tail()));
+        self.unflushed = true;
         self.packets += 1;
         self.bytes += len as u64;
         result
+    }
+
+    /// Moves the tail past every queued frame: one register write for the burst.
+    fn flush(&mut self, regs: &impl Mmio) {
+        if self.unflushed {
+            fence(Ordering::SeqCst);
+            regs.write32(regs::TDT, u32::from(self.idx.tail()));
+            self.unflushed = false;
+        }
     }
 
     /// `f` still has to run (smoltcp expects its closure called): into a scratch buffer.
@@ -683,6 +703,12 @@ impl<R: Mmio, M: DmaRegion> phy::Device for E1000<R, M> {
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
         self.tx.reclaim();
+        if self.tx.idx.free() == 0 {
+            // Queued frames the device has not been told about: hand them over, so the ring
+            // can drain within one burst.
+            self.tx.flush(&self.regs);
+            self.tx.reclaim();
+        }
         if self.tx.idx.free() == 0 {
             return None;
         }

@@ -6,6 +6,7 @@ use smoltcp::time::Instant;
 
 use super::fake::{device, FakeMem, FakeRegs, Model};
 use super::*;
+use crate::stack::TxFlush;
 use alloc::rc::Rc;
 use core::cell::RefCell;
 
@@ -34,7 +35,8 @@ fn frame(tag: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| tag.wrapping_add(i as u8)).collect()
 }
 
-fn send(nic: &mut Nic, data: &[u8]) -> bool {
+/// Queues one frame, as smoltcp's egress does.
+fn queue(nic: &mut Nic, data: &[u8]) -> bool {
     match nic.transmit(now()) {
         Some(tok) => {
             tok.consume(data.len(), |buf| buf.copy_from_slice(data));
@@ -42,6 +44,13 @@ fn send(nic: &mut Nic, data: &[u8]) -> bool {
         }
         None => false,
     }
+}
+
+/// Queues one frame and hands it to the device, as `Stack::poll` does after its egress.
+fn send(nic: &mut Nic, data: &[u8]) -> bool {
+    let queued = queue(nic, data);
+    nic.flush_tx();
+    queued
 }
 
 fn recv(nic: &mut Nic) -> Option<Vec<u8>> {
@@ -185,6 +194,36 @@ fn transmit_puts_frames_on_the_wire_in_order() {
     assert_eq!(c.tx_packets, 20);
     assert_eq!(c.tx_bytes, (0..20).map(|i| 60 + i).sum::<u64>());
     assert_eq!(c.tx_dropped, 0);
+}
+
+#[test]
+fn a_burst_is_handed_over_with_one_tail_write() {
+    let (model, mut nic) = start(small());
+    for i in 0..5u8 {
+        assert!(queue(&mut nic, &frame(i, 60)));
+    }
+    assert!(model.borrow().sent.is_empty(), "sent before the flush");
+    assert_eq!(model.borrow().tdt_writes, 1);
+    nic.flush_tx();
+    assert_eq!(model.borrow().sent.len(), 5);
+    assert_eq!(model.borrow().tdt_writes, 2);
+    nic.flush_tx();
+    assert_eq!(
+        model.borrow().tdt_writes,
+        2,
+        "nothing queued, nothing written"
+    );
+    // More than the ring holds: a full ring is flushed to make room, nothing is lost.
+    for i in 0..20u8 {
+        assert!(queue(&mut nic, &frame(i, 64)));
+    }
+    nic.flush_tx();
+    let m = model.borrow();
+    assert_eq!(m.sent.len(), 25);
+    for (i, f) in m.sent[5..].iter().enumerate() {
+        assert_eq!(f, &frame(i as u8, 64));
+    }
+    assert!(m.tdt_writes < 2 + 20, "{} tail writes", m.tdt_writes);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use smoltcp::phy::Device;
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::Instant;
 
-use super::Stack;
+use super::{Stack, TxFlush};
 use crate::addr::Ipv4;
 use crate::transport::{Transport, TransportError};
 
@@ -23,7 +23,7 @@ const BUDGET: usize = 64;
 
 /// An open TCP connection of a [`Stack`], borrowed for the connection's life. Dropping it
 /// closes the connection (queued data is still sent; the stack forgets the socket later).
-pub struct TcpTransport<'s, D: Device, C: FnMut() -> Instant, I: FnMut()> {
+pub struct TcpTransport<'s, D: Device + TxFlush, C: FnMut() -> Instant, I: FnMut()> {
     stack: &'s mut Stack<D>,
     handle: SocketHandle,
     clock: C,
@@ -49,7 +49,7 @@ fn ended(socket: &tcp::Socket) -> TransportError {
     }
 }
 
-impl<'s, D: Device, C: FnMut() -> Instant, I: FnMut()> TcpTransport<'s, D, C, I> {
+impl<'s, D: Device + TxFlush, C: FnMut() -> Instant, I: FnMut()> TcpTransport<'s, D, C, I> {
     /// Connects to `target:port` within `timeout`.
     pub fn connect(
         stack: &'s mut Stack<D>,
@@ -114,7 +114,9 @@ impl<'s, D: Device, C: FnMut() -> Instant, I: FnMut()> TcpTransport<'s, D, C, I>
     }
 }
 
-impl<D: Device, C: FnMut() -> Instant, I: FnMut()> Transport for TcpTransport<'_, D, C, I> {
+impl<D: Device + TxFlush, C: FnMut() -> Instant, I: FnMut()> Transport
+    for TcpTransport<'_, D, C, I>
+{
     fn read(&mut self, buf: &mut [u8], timeout: Duration) -> Result<usize, TransportError> {
         if buf.is_empty() {
             return Ok(0);
@@ -163,7 +165,7 @@ impl<D: Device, C: FnMut() -> Instant, I: FnMut()> Transport for TcpTransport<'_
     }
 }
 
-impl<D: Device, C: FnMut() -> Instant, I: FnMut()> Drop for TcpTransport<'_, D, C, I> {
+impl<D: Device + TxFlush, C: FnMut() -> Instant, I: FnMut()> Drop for TcpTransport<'_, D, C, I> {
     fn drop(&mut self) {
         self.stack.tcp_release(self.handle);
     }

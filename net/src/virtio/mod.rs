@@ -329,6 +329,11 @@ fn send<H: Hal, T: Transport, M: DmaRegion, R>(
     result
 }
 
+impl<H: Hal, T: Transport, M: DmaRegion> crate::stack::TxFlush for VirtioNet<H, T, M> {
+    /// Nothing to do: each frame notifies the device as it is queued.
+    fn flush_tx(&mut self) {}
+}
+
 impl<H: Hal, T: Transport, M: DmaRegion> phy::Device for VirtioNet<H, T, M> {
     type RxToken<'a>
         = VirtioRxToken<'a>
