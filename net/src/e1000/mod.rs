@@ -279,12 +279,19 @@ fn is_usable_mac(mac: &[u8; 6]) -> bool {
     mac.iter().any(|&b| b != 0) && mac[0] & 1 == 0
 }
 
+/// Receive descriptors given back per tail write at most (see [`RxRing::recycle`]); far below
+/// the ring's length, so the device never runs short while a poll works through a burst.
+const RX_FLUSH_BATCH: u16 = 32;
+
 struct RxRing<M> {
     mem: M,
     ring: Ring,
     idx: RxIndices,
     /// Inside a frame that spans descriptors: drop until its end.
     discarding: bool,
+    /// Descriptors given back since the tail was last written, and the tail to write.
+    unflushed: u16,
+    tail: u16,
     packets: u64,
     bytes: u64,
     errors: u64,
@@ -375,6 +382,8 @@ impl<R: Mmio, M: DmaRegion> E1000<R, M> {
             ring: rx_ring,
             idx: RxIndices::new(rx_ring),
             discarding: false,
+            unflushed: 0,
+            tail: 0,
             packets: 0,
             bytes: 0,
             errors: 0,
@@ -547,13 +556,26 @@ fn read_mac(regs: &impl Mmio) -> Result<([u8; 6], MacSource), E1000Error> {
 }
 
 impl<M: DmaRegion> RxRing<M> {
-    /// Gives the descriptor at `next` back to the device.
+    /// Gives the descriptor at `next` back to the device. The tail is written once the ring
+    /// is drained or every [`RX_FLUSH_BATCH`] descriptors, not per frame: under emulation each
+    /// write is a trip into the emulator under its global lock.
     fn recycle(&mut self, regs: &impl Mmio) {
         let index = self.idx.next();
         self.mem.write_u64(desc_offset(index) + 8, 0);
-        fence(Ordering::SeqCst);
-        let tail = self.idx.recycle();
-        regs.write32(regs::RDT, u32::from(tail));
+        self.tail = self.idx.recycle();
+        self.unflushed += 1;
+        if self.unflushed >= RX_FLUSH_BATCH {
+            self.flush(regs);
+        }
+    }
+
+    /// Writes the tail past every descriptor given back.
+    fn flush(&mut self, regs: &impl Mmio) {
+        if self.unflushed > 0 {
+            fence(Ordering::SeqCst);
+            regs.write32(regs::RDT, u32::from(self.tail));
+            self.unflushed = 0;
+        }
     }
 
     /// The length of the next good frame, dropping bad descriptors on the way (at most one
@@ -563,6 +585,8 @@ impl<M: DmaRegion> RxRing<M> {
             let index = self.idx.next();
             let desc = RxDesc::decode(self.mem.read_u64(desc_offset(index) + 8));
             if !desc.done() {
+                // Drained: the device gets every descriptor back before the node may sleep.
+                self.flush(regs);
                 return None;
             }
             // The descriptor's contents are valid once DD reads set.
