@@ -864,7 +864,22 @@ fn qemu_migration_baseline() {
         tests::BENCH_DOWNTIME_MS,
         MIGRATION_DEADLINE,
     );
-    rows.push(ok!(tight));
+    // QEMU's own migration can fail here: one CI run's destination guest panicked after a
+    // migration with this limit (stack-protector, a corrupted kernel stack). A row says so;
+    // the reference is not ours to fail.
+    rows.push(tight.unwrap_or_else(|e| Row {
+        scenario: scenario.clone(),
+        auto_converge: true,
+        downtime_limit_ms: tests::BENCH_DOWNTIME_MS,
+        total_ms: None,
+        downtime_ms: None,
+        transferred: None,
+        rounds: None,
+        throttle: None,
+        guest_rate: None,
+        status: format!("failed: {e}"),
+        completed: false,
+    }));
     drop(src);
 
     let qemu = Command::new("qemu-system-x86_64")
