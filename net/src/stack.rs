@@ -94,7 +94,6 @@ struct ActivePing {
     events: Vec<PingEvent>,
 }
 
-/// An interface with its sockets.
 /// A device whose transmit tokens may only queue frames for the hardware: [`Stack::poll`]
 /// calls `flush_tx` once its egress is done, so a burst costs one doorbell write instead of one
 /// per frame (under emulation each is a trip into the emulator).
@@ -103,6 +102,7 @@ pub trait TxFlush {
     fn flush_tx(&mut self);
 }
 
+/// An interface with its sockets.
 pub struct Stack<D: Device + TxFlush> {
     device: D,
     iface: Interface,

@@ -627,8 +627,7 @@ impl<M: DmaRegion> TxRing<M> {
             return self.drop_frame(len, f);
         }
         if self.idx.free() == 0 {
-            self.flush(regs);
-            self.reclaim();
+            self.make_room(regs);
         }
         let Some(index) = self.idx.push() else {
             return self.drop_frame(len, f);
@@ -642,6 +641,16 @@ impl<M: DmaRegion> TxRing<M> {
         self.packets += 1;
         self.bytes += len as u64;
         result
+    }
+
+    /// Takes back the descriptors the device is done with; if the ring is still full, hands the
+    /// queued frames over first (the device has not been told about them) and takes back again.
+    fn make_room(&mut self, regs: &impl Mmio) {
+        self.reclaim();
+        if self.idx.free() == 0 {
+            self.flush(regs);
+            self.reclaim();
+        }
     }
 
     /// Moves the tail past every queued frame: one register write for the burst.
@@ -726,13 +735,7 @@ impl<R: Mmio, M: DmaRegion> phy::Device for E1000<R, M> {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.tx.reclaim();
-        if self.tx.idx.free() == 0 {
-            // Queued frames the device has not been told about: hand them over, so the ring
-            // can drain within one burst.
-            self.tx.flush(&self.regs);
-            self.tx.reclaim();
-        }
+        self.tx.make_room(&self.regs);
         if self.tx.idx.free() == 0 {
             return None;
         }
