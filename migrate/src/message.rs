@@ -557,8 +557,8 @@ pub fn compress_page(page: &[u8; PAGE_SIZE]) -> Option<Vec<u8>> {
 /// of identical bytes. Pages with fewer than about 1/16 of their words like that (most data
 /// pages) are sent raw without the full scan, which costs far more per page than the copy
 /// itself. Only every fourth word is looked at: the check runs on every page sent, so its cost
-/// is paid per page, and a run long enough to matter (32 bytes or more) always covers a word
-/// it looks at.
+/// is paid per page, and a run of 39 bytes or more covers four aligned words wherever it
+/// starts, one of which is looked at.
 fn worth_compressing(page: &[u8; PAGE_SIZE]) -> bool {
     const STRIDE: usize = 4;
     const MIN_RUN_WORDS: usize = PAGE_SIZE / 8 / 16 / STRIDE;
@@ -1625,7 +1625,7 @@ mod tests {
     }
 
     #[test]
-    fn runs_of_32_bytes_are_found_wherever_they_start() {
+    fn runs_of_40_bytes_are_found_wherever_they_start() {
         // Noise with 13 runs of 40 equal bytes (an eighth of the page), at every start offset
         // modulo 32: the pre-check samples one word in four and must still see them.
         for shift in 0..32 {
