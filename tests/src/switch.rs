@@ -57,7 +57,8 @@ struct Fabric {
 /// read is switched; what the socket does not take then is left to the port's own writer.
 struct Port {
     id: usize,
-    /// The port's connection, for sends that must not block (see [`Port::enqueue`]).
+    /// The port's connection: the readers' non-blocking sends (see [`Port::flush`]), the
+    /// writer's blocking ones, and the shutdown when the port closes.
     stream: UnixStream,
     outbox: Mutex<Outbox>,
     wake: Condvar,
@@ -105,17 +106,15 @@ impl StreamSwitch {
                 outbox: Mutex::new(Outbox::default()),
                 wake: Condvar::new(),
             });
-            let writer = stream.try_clone()?;
             self.fabric.ports.lock().unwrap().push(Arc::clone(&port));
             eprintln!("frame-hub: port {id} connected");
             let out = Arc::clone(&port);
-            thread::spawn(move || write_port(&out, writer));
+            thread::spawn(move || write_port(&out));
             let fabric = Arc::clone(&self.fabric);
-            let closer = stream.try_clone()?;
             thread::spawn(move || {
                 let why = read_port(&fabric, id, stream);
                 fabric.remove(&port);
-                let _ = closer.shutdown(std::net::Shutdown::Both);
+                let _ = port.stream.shutdown(std::net::Shutdown::Both);
                 let outbox = port.outbox.lock().unwrap();
                 eprintln!(
                     "frame-hub: port {id} closed ({why}); {} frames delivered to it, {} dropped",
@@ -166,7 +165,8 @@ fn holds_a_frame(buffered: &[u8]) -> bool {
 }
 
 /// Writes what is queued for `port`, a batch per system call, until the port closes.
-fn write_port(port: &Port, mut stream: UnixStream) {
+fn write_port(port: &Port) {
+    let mut stream = &port.stream;
     let mut batch = Vec::new();
     loop {
         {

@@ -1,7 +1,7 @@
 //! The Linux baseline for `net bench` (issue 4, item 7): two plain Linux guests under QEMU TCG,
 //! linked as our two nodes are (an e1000 NIC each, `-netdev stream` clients of the switch of
-//! `tests::switch` on a unix socket), move 64 MiB over TCP with busybox `nc`; the sender times the transfer inside
-//! the guest and the receiver counts the bytes that arrived. The figure goes to
+//! `tests::switch` on a unix socket), move 64 MiB over TCP with busybox `nc`; the sender times
+//! the transfer inside the guest and the receiver counts the bytes that arrived. The figure goes to
 //! target/bench/net-baseline.txt, next to our kernel's figures from target/bench/net-bench.txt
 //! when that file is there (./run-tests.sh runs this test after net.rs for that).
 //!
