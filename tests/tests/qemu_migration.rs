@@ -539,6 +539,24 @@ struct Source {
     append: String,
 }
 
+/// The source for the next dirty run after `last`: `src` again when the run left it running
+/// (a cancelled migration), else a freshly booted `name` (a completed migration leaves the
+/// source stopped).
+fn next_source(
+    setup: &Setup,
+    mut src: Source,
+    last: &Row,
+    name: &str,
+    append: &str,
+) -> Result<Source, String> {
+    if last.completed || !src.vm.running() {
+        drop(src);
+        boot_source(setup, name, append.to_string(), true)
+    } else {
+        Ok(src)
+    }
+}
+
 /// Boots a source guest (kernel command line `append`) and waits until its workload runs.
 fn boot_source(setup: &Setup, name: &str, append: String, dirty: bool) -> Result<Source, String> {
     let mut vm =
@@ -820,8 +838,8 @@ fn qemu_migration_baseline() {
     rows.push(row);
     drop(src);
 
-    // QEMU's defaults first, then auto-converge: a cancelled run leaves the source running for
-    // the second (a completed one leaves it stopped, so another is booted).
+    // QEMU's defaults first, then auto-converge, then auto-converge at our downtime target; each
+    // run's source serves the next if the run left it running (see `next_source`).
     let scenario = format!("dirty {DIRTY_PAGES_PER_S} pages/s");
     let dirty = append(&format!("dirty={DIRTY_PAGES_PER_S}"));
     let mut src = ok!(boot_source(&setup, "dirty-src", dirty.clone(), true));
@@ -834,10 +852,7 @@ fn qemu_migration_baseline() {
         DOWNTIME_LIMIT_MS,
         NO_CONVERGE_BOUND,
     ));
-    if plain.completed || !src.vm.running() {
-        drop(src);
-        src = ok!(boot_source(&setup, "dirty2-src", dirty.clone(), true));
-    }
+    src = ok!(next_source(&setup, src, &plain, "dirty2-src", &dirty));
     rows.push(plain);
     let ac = ok!(migrate(
         &setup,
@@ -848,10 +863,7 @@ fn qemu_migration_baseline() {
         DOWNTIME_LIMIT_MS,
         MIGRATION_DEADLINE,
     ));
-    if ac.completed || !src.vm.running() {
-        drop(src);
-        src = ok!(boot_source(&setup, "dirty3-src", dirty.clone(), true));
-    }
+    src = ok!(next_source(&setup, src, &ac, "dirty3-src", &dirty));
     rows.push(ac);
     // Like for like with ours: the same downtime target, so what QEMU sends to get there
     // compares with our bytes on the wire.
