@@ -27,6 +27,16 @@ fn start(config: E1000Config) -> (Rc<RefCell<Model>>, Nic) {
     (model, nic)
 }
 
+/// A small NIC with interrupts on (not throttled), and a second window onto its registers, as
+/// the kernel's interrupt handler has.
+fn start_with_handler_window() -> (Rc<RefCell<Model>>, FakeRegs, Nic) {
+    let (model, regs, rx, tx) = device(MAC, 8, 8);
+    let handler_window = regs.clone();
+    let mut nic = E1000::new(regs, rx, tx, small()).unwrap();
+    nic.enable_interrupts(Duration::ZERO);
+    (model, handler_window, nic)
+}
+
 fn now() -> Instant {
     Instant::from_millis(0)
 }
@@ -414,10 +424,7 @@ fn a_stored_frame_raises_the_line_until_the_causes_are_read() {
 /// window onto the same registers.
 #[test]
 fn an_interrupt_handler_acknowledges_through_its_own_window() {
-    let (model, regs, rx, tx) = device(MAC, 8, 8);
-    let handler_window = regs.clone();
-    let mut nic = E1000::new(regs, rx, tx, small()).unwrap();
-    nic.enable_interrupts(Duration::ZERO);
+    let (model, handler_window, mut nic) = start_with_handler_window();
     assert!(model.borrow_mut().deliver(&frame(1, 64)));
     assert!(model.borrow().line_asserted());
     assert!(take_causes(&handler_window).received());
@@ -431,10 +438,7 @@ fn an_interrupt_handler_acknowledges_through_its_own_window() {
 /// wakes a sleeping node).
 #[test]
 fn a_masked_nic_raises_its_line_again_only_when_rearmed() {
-    let (model, regs, rx, tx) = device(MAC, 8, 8);
-    let handler_window = regs.clone();
-    let mut nic = E1000::new(regs, rx, tx, small()).unwrap();
-    nic.enable_interrupts(Duration::ZERO);
+    let (model, handler_window, mut nic) = start_with_handler_window();
     assert!(model.borrow_mut().deliver(&frame(1, 64)));
     assert!(take_causes(&handler_window).received());
     mask_interrupts(&handler_window);
