@@ -33,9 +33,15 @@ pub const REPORT_LEN: usize = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that makes no progress for this long is given up.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Socket buffers of bench connections: a window far beyond one poll interval's worth of data
-/// (smoltcp scales the window for buffers over 64 KiB).
-pub const BUFFER: usize = 512 * 1024;
+/// Socket buffers of bench connections (and of the migration's, which use these sockets): a
+/// window far beyond one poll interval's worth of data (smoltcp scales the window for buffers
+/// over 64 KiB). Under QEMU on a 2-core host the ACKs of a bulk transfer wait on the host's
+/// scheduler (emulator threads and the link's switch share the cores), so the window has to
+/// cover those delays: measured with two QEMU nodes, a 512 KiB window left an idle 64 MiB
+/// migration ACK-clocked at ~0.86 of the bench's throughput, 1 MiB gave ~0.9-0.92 (the bench
+/// itself slightly faster), while 2 MiB (past the receive ring, see the e1000 driver) made the
+/// bench collapse to ~110 MB/s.
+pub const BUFFER: usize = 1024 * 1024;
 /// Length of the repeated pseudo-random pattern the client sends.
 const PATTERN_LEN: usize = 64 * 1024 - 1;
 

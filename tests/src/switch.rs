@@ -27,8 +27,11 @@ use std::thread;
 /// offloads; an e1000 without them sends at most 1518 bytes). A longer length closes the port.
 pub const MAX_FRAME: usize = 65536;
 
-/// Default bytes queued for one port before its frames are dropped: two 512 KiB TCP windows.
-pub const DEFAULT_PORT_QUEUE: usize = 1 << 20;
+/// Default bytes queued for one port before its frames are dropped: four of the nodes' 1 MiB TCP
+/// windows. A QEMU whose NIC ring is full stops reading its socket, so a port's queue holds what
+/// the windows of the connections toward it put in flight: with a queue only as large as one
+/// window, a bulk transfer lost frames and stalled for smoltcp's 1 s retransmission timeout.
+pub const DEFAULT_PORT_QUEUE: usize = 4 << 20;
 
 /// A bound switch; [`StreamSwitch::run`] accepts ports until the process ends.
 pub struct StreamSwitch {

@@ -63,13 +63,13 @@ pub const BUF_SIZE: usize = 2048;
 pub const DEFAULT_RING_LEN: usize = 256;
 
 /// Receive descriptors unless the owner asks otherwise. More than a whole TCP window of our
-/// sockets ([`crate::bench::BUFFER`], 512 KiB = 360 full frames) plus room for other traffic:
+/// sockets ([`crate::bench::BUFFER`], 1 MiB = 720 full frames) plus room for other traffic:
 /// the kernel polls the NIC and may sleep until the next timer tick, and a peer sending a full
 /// window meanwhile must find a free descriptor for every frame. An overrun drops frames, and
 /// smoltcp recovers a burst of lost segments only through its retransmission timer (1 s
 /// minimum): measured under QEMU with 256 descriptors, an idle 64 MiB migration stalled 1 s of
 /// its 2-3 s that way.
-pub const DEFAULT_RX_RING_LEN: usize = 1024;
+pub const DEFAULT_RX_RING_LEN: usize = 2048;
 
 /// Largest frame sent or received, without FCS: a 1500-byte payload plus the Ethernet header.
 pub const MAX_FRAME: usize = 1514;
