@@ -28,6 +28,7 @@ use crate::dhcp::{self, DhcpState};
 use crate::neighbors::{Neighbor, NeighborTable};
 use crate::ping::{CountError, PingEvent, PingJob, PingSummary, PAYLOAD};
 use crate::transport::TransportError;
+use quick_ack::QuickAcks;
 
 /// Why a ping cannot start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +121,8 @@ pub struct Stack<D: Device + TxFlush> {
     /// they were first seen in TIME-WAIT).
     closing: Vec<(SocketHandle, Option<Instant>)>,
     next_port: u16,
+    /// TCP sockets acknowledging every second segment while their connection opens.
+    quick_acks: QuickAcks,
 }
 
 /// Why a TCP connection or a bench cannot start.
@@ -259,6 +262,7 @@ impl<D: Device + TxFlush> Stack<D> {
             bench_served: None,
             closing: Vec::new(),
             next_port: EPHEMERAL_FIRST + (seed % 8192) as u16,
+            quick_acks: QuickAcks::default(),
         };
         stack.set_address(addr);
         stack
@@ -342,6 +346,7 @@ impl<D: Device + TxFlush> Stack<D> {
             own: self.addr,
             now,
         };
+        self.quick_acks.begin(&self.sockets);
         while frames < budget {
             match self
                 .iface
@@ -356,6 +361,10 @@ impl<D: Device + TxFlush> Stack<D> {
             if let Some(addr) = self.dhcp.poll(&mut self.sockets, now).new_address() {
                 install_address(&mut self.iface, &mut self.addr, tap.table, addr);
                 tap.own = addr;
+            }
+            if !self.quick_acks.is_empty() && self.quick_acks.due(&self.sockets) {
+                // One round of transmission carries the acknowledgement.
+                self.iface.poll_egress(now, &mut tap, &mut self.sockets);
             }
         }
         Self::advance_ping(
@@ -373,6 +382,7 @@ impl<D: Device + TxFlush> Stack<D> {
                 &mut self.bench_servers,
                 &mut self.bench_served,
                 &mut self.sockets,
+                &mut self.quick_acks,
             );
             if self.iface.poll_egress(now, &mut tap, &mut self.sockets) == PollResult::None {
                 break;
@@ -383,6 +393,7 @@ impl<D: Device + TxFlush> Stack<D> {
         // The client gives up an expired lease while sending.
         self.poll_dhcp(now);
         let sockets = &mut self.sockets;
+        let quick_acks = &mut self.quick_acks;
         self.closing.retain_mut(|(h, since)| {
             let done = match sockets.get::<tcp::Socket>(*h).state() {
                 tcp::State::Closed => true,
@@ -391,6 +402,7 @@ impl<D: Device + TxFlush> Stack<D> {
                 _ => false,
             };
             if done {
+                quick_acks.remove(*h);
                 sockets.remove(*h);
             }
             !done
@@ -444,7 +456,9 @@ impl<D: Device + TxFlush> Stack<D> {
                 local,
             )
             .map_err(|_| ConnectError::BadPort)?;
-        Ok(self.sockets.add(socket))
+        let handle = self.sockets.add(socket);
+        self.quick_acks.add(handle);
+        Ok(handle)
     }
 
     /// Opens a TCP connection to `target:port` (it completes during later polls); the socket
@@ -458,7 +472,9 @@ impl<D: Device + TxFlush> Stack<D> {
     pub fn tcp_listen(&mut self, port: u16) -> Result<SocketHandle, ConnectError> {
         let mut socket = bench::socket();
         socket.listen(port).map_err(|_| ConnectError::BadPort)?;
-        Ok(self.sockets.add(socket))
+        let handle = self.sockets.add(socket);
+        self.quick_acks.add(handle);
+        Ok(handle)
     }
 
     /// The socket of a handle from [`Stack::tcp_connect`] or [`Stack::tcp_listen`].
@@ -487,6 +503,7 @@ impl<D: Device + TxFlush> Stack<D> {
                 &mut self.bench_servers,
                 &mut self.bench_served,
                 &mut self.sockets,
+                &mut self.quick_acks,
             );
         }
     }
@@ -497,6 +514,7 @@ impl<D: Device + TxFlush> Stack<D> {
         servers: &mut Vec<(BenchServer, SocketHandle)>,
         served: &mut Option<u64>,
         sockets: &mut SocketSet<'static>,
+        quick_acks: &mut QuickAcks,
     ) {
         let Some(served) = served.as_mut() else {
             return;
@@ -505,6 +523,7 @@ impl<D: Device + TxFlush> Stack<D> {
         servers.retain_mut(|(server, handle)| {
             let socket = sockets.get_mut::<tcp::Socket>(*handle);
             if server.advance(socket, served) {
+                quick_acks.remove(*handle);
                 sockets.remove(*handle);
                 return false;
             }
@@ -513,6 +532,7 @@ impl<D: Device + TxFlush> Stack<D> {
         });
         if !listening && servers.len() < bench::MAX_CONNECTIONS {
             let handle = sockets.add(bench::listener());
+            quick_acks.add(handle);
             servers.push((BenchServer::default(), handle));
         }
     }
@@ -754,6 +774,7 @@ impl<D: Device> Device for Tap<'_, D> {
     }
 }
 
+mod quick_ack;
 mod transport;
 pub use transport::TcpTransport;
 

@@ -541,6 +541,71 @@ mod tcp {
         );
     }
 
+    /// Streams from A to a fresh connection on B: (bytes received, frames B sent, polls) over
+    /// the quick-ACK phase and over the 1 MiB after it. `delayed_acks`: B's socket keeps
+    /// smoltcp's delayed ACKs (the bench's), else acknowledges at once (the migration's).
+    fn acks_of_a_fresh_connection(delayed_acks: bool) -> [(usize, usize, usize); 2] {
+        use super::super::quick_ack::QUICK_BYTES;
+        let mut link = Link::new();
+        let server = link.b.stack.tcp_listen(7003).unwrap();
+        if !delayed_acks {
+            link.b.stack.tcp_socket(server).set_ack_delay(None);
+        }
+        let client = link.a.stack.tcp_connect(NODE2, 7003).unwrap();
+        for _ in 0..50 {
+            link.step();
+        }
+        assert_eq!(
+            link.a.stack.tcp_socket(client).state(),
+            smoltcp::socket::tcp::State::Established
+        );
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut phases = [(0usize, 0usize, 0usize); 2];
+        let mut received = 0;
+        while received < QUICK_BYTES + (1 << 20) {
+            let _ = link.a.stack.tcp_socket(client).send_slice(&chunk);
+            let acks_before = link.b_to_a;
+            link.step();
+            let mut got = 0;
+            while let Ok(n @ 1..) = link.b.stack.tcp_socket(server).recv_slice(&mut buf) {
+                got += n;
+            }
+            let phase = &mut phases[usize::from(received >= QUICK_BYTES)];
+            phase.0 += got;
+            phase.1 += link.b_to_a - acks_before;
+            phase.2 += 1;
+            received += got;
+            assert!(
+                phase.2 < 100_000,
+                "the transfer stalled at {received} bytes"
+            );
+        }
+        phases
+    }
+
+    /// Regression test: acknowledged once per poll, a fresh connection's slow start grew its
+    /// window one segment per poll, and an idle migration spent its first ~60 ms at a fraction
+    /// of the link's speed. While its window opens, a connection is acknowledged for every
+    /// full segment (every second one with delayed ACKs); afterwards at most once per poll.
+    #[test]
+    fn a_fresh_connection_is_acknowledged_per_segment_until_its_window_opens() {
+        use super::super::quick_ack::ACK_EVERY;
+        for (delayed_acks, segments_per_ack) in [(false, 1), (true, 2)] {
+            let [(quick_bytes, quick_acks, _), (_, later_acks, later_polls)] =
+                acks_of_a_fresh_connection(delayed_acks);
+            assert!(
+                quick_acks >= quick_bytes / (segments_per_ack * ACK_EVERY) * 9 / 10,
+                "delayed ACKs {delayed_acks}: {quick_acks} ACKs for the first {quick_bytes} bytes"
+            );
+            assert!(
+                later_acks <= later_polls,
+                "delayed ACKs {delayed_acks}: {later_acks} ACKs in {later_polls} polls after \
+                 the window opened"
+            );
+        }
+    }
+
     #[test]
     fn the_bench_listener_serves_several_clients_at_once() {
         let mut link = Link::new();
