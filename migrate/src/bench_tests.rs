@@ -40,9 +40,11 @@ impl SourceGuest for Guest {
     fn page_count(&self) -> u64 {
         self.pages.len() as u64
     }
-    fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
-        out.copy_from_slice(&self.pages[page as usize][..]);
-        Ok(())
+    fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
+        self.pages
+            .get(page as usize)
+            .map(|p| &**p)
+            .ok_or(GuestError::PageOutOfRange { page })
     }
     fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
         Ok(Vec::new())
@@ -131,20 +133,22 @@ fn send_pass(guest: &mut Guest, capture: bool) -> (f64, Option<Vec<u8>>) {
     source.start(0);
     source.on_message(1, peer_hello(), guest);
     source.on_message(2, Message::VmConfigReply(ConfigReply::Accept), guest);
-    let queue_all = |source: &mut Source, link: &mut FrameLink, pipe: &mut Sink| {
+    // As the source driver does: page batches encoded from guest memory, the rest as messages.
+    let queue_all = |source: &mut Source, guest: &Guest, link: &mut FrameLink, pipe: &mut Sink| {
         while let Some(output) = source.poll_output() {
-            if let Output::Send(message) = output {
-                link.queue(&message).unwrap();
-                source.recycle(message);
+            match output {
+                Output::Send(message) => link.queue(&message).unwrap(),
+                Output::SendPages(batch) => link.queue_pending(&batch, guest).unwrap(),
+                Output::Do(_) => {}
             }
         }
         link.flush(pipe).unwrap();
     };
-    queue_all(&mut source, &mut link, &mut pipe);
+    queue_all(&mut source, guest, &mut link, &mut pipe);
     let start = Instant::now();
     while source.round_pages_left() > 0 {
         source.on_tick(3, guest);
-        queue_all(&mut source, &mut link, &mut pipe);
+        queue_all(&mut source, guest, &mut link, &mut pipe);
     }
     let ns = start.elapsed().as_nanos() as f64 / PAGES as f64;
     (ns, pipe.capture)

@@ -24,8 +24,9 @@ use core::fmt;
 
 use crate::destination::{Destination, DestinationAction, DestinationHost, DestinationState};
 use crate::link::{FrameLink, Incoming, Pipe, PipeError};
-use crate::machine::Output;
+use crate::machine::{GuestError, Output};
 use crate::message::{AbortReason, Message, MessageError};
+use crate::pending::{BatchError, PendingBatch};
 use crate::source::{Source, SourceAction, SourceGuest, SourceState};
 
 /// The bounds a driver works within. [`Default`] gives the values for a real link.
@@ -138,6 +139,18 @@ impl Connection {
         self.link.queue(message)
     }
 
+    /// Like `queue`, for a page batch read from `guest` as it is encoded.
+    fn queue_pending(
+        &mut self,
+        batch: &PendingBatch,
+        guest: &dyn SourceGuest,
+    ) -> Result<(), BatchError> {
+        if self.broken.is_some() {
+            return Ok(());
+        }
+        self.link.queue_pending(batch, guest)
+    }
+
     /// Sends what the pipe takes; a pipe error or a stall breaks the connection and is returned.
     fn flush(&mut self, now: u64, pipe: &mut impl Pipe) -> Option<TransportFailure> {
         if self.broken.is_some() {
@@ -194,7 +207,7 @@ impl SourceDriver {
     /// Opens the migration: queues the hello (sent by the next [`flush`](Self::flush)).
     pub fn start(&mut self, now: u64) {
         self.source.start(now);
-        self.drain(now);
+        self.drain(now, None);
     }
 
     /// One non-blocking step: receives and handles what is waiting, fires deadlines, and during
@@ -213,12 +226,12 @@ impl SourceDriver {
             match self.conn.next_message() {
                 Ok(Some(message)) => {
                     self.source.on_message(now, message, guest);
-                    self.drain(now);
+                    self.drain(now, Some(&*guest));
                 }
                 Ok(None) => break,
                 Err(text) => {
                     self.source.fail(now, AbortReason::ProtocolError, &text);
-                    self.drain(now);
+                    self.drain(now, Some(&*guest));
                     break;
                 }
             }
@@ -243,7 +256,7 @@ impl SourceDriver {
     /// The VM paused as asked by [`SourceAction::PauseVm`]: queues the final pages and state.
     pub fn on_paused(&mut self, now: u64, guest: &mut impl SourceGuest) -> Vec<SourceAction> {
         self.source.on_paused(now, guest);
-        self.drain(now);
+        self.drain(now, Some(&*guest));
         core::mem::take(&mut self.actions)
     }
 
@@ -255,21 +268,21 @@ impl SourceDriver {
         result: Result<(), String>,
     ) -> Vec<SourceAction> {
         self.source.on_disk_quiesced(now, guest, result);
-        self.drain(now);
+        self.drain(now, Some(&*guest));
         core::mem::take(&mut self.actions)
     }
 
     /// `migrate cancel`.
     pub fn cancel(&mut self, now: u64) -> Vec<SourceAction> {
         self.source.cancel(now);
-        self.drain(now);
+        self.drain(now, None);
         core::mem::take(&mut self.actions)
     }
 
     /// The answer to [`SourceAction::ResolveInDoubt`].
     pub fn resolve_in_doubt(&mut self, now: u64, destination_committed: bool) -> Vec<SourceAction> {
         self.source.resolve_in_doubt(now, destination_committed);
-        self.drain(now);
+        self.drain(now, None);
         core::mem::take(&mut self.actions)
     }
 
@@ -300,7 +313,7 @@ impl SourceDriver {
     fn transport_failed(&mut self, now: u64, failure: TransportFailure) {
         let text = format!("{failure}");
         self.source.fail(now, AbortReason::TransportError, &text);
-        self.drain(now);
+        self.drain(now, None);
     }
 
     fn tick(&mut self, now: u64, guest: &mut impl SourceGuest, in_flight: usize) {
@@ -320,15 +333,16 @@ impl SourceDriver {
                 }
             }
             self.source.on_tick(now, guest);
-            self.drain(now);
+            self.drain(now, Some(&*guest));
             if !copying(self.source.state()) {
                 break;
             }
         }
     }
 
-    /// Moves the machine's outputs to the link (messages) and the action list.
-    fn drain(&mut self, now: u64) {
+    /// Moves the machine's outputs to the link (messages) and the action list. Page batches
+    /// are encoded from `guest` (every call that can make one has it).
+    fn drain(&mut self, now: u64, guest: Option<&dyn SourceGuest>) {
         while let Some(output) = self.source.poll_output() {
             match output {
                 Output::Send(message) => {
@@ -338,8 +352,18 @@ impl SourceDriver {
                         let text = format!("cannot send {:?}: {e}", message.kind());
                         self.source.fail(now, AbortReason::LocalFailure, &text);
                     }
-                    // Encoded: its page buffers can hold the next batch's pages.
-                    self.source.recycle(message);
+                }
+                Output::SendPages(batch) => {
+                    let queued = match guest {
+                        Some(guest) => self.conn.queue_pending(&batch, guest),
+                        None => Err(BatchError::Guest(GuestError::Failed(
+                            "a page batch was made without the guest at hand",
+                        ))),
+                    };
+                    if let Err(e) = queued {
+                        let text = format!("cannot send a page batch: {e}");
+                        self.source.fail(now, AbortReason::LocalFailure, &text);
+                    }
                 }
                 Output::Do(action) => self.actions.push(action),
             }
@@ -464,6 +488,11 @@ impl DestinationDriver {
                         self.destination.fail(AbortReason::LocalFailure, &text);
                     }
                 }
+                // A destination sends no pages.
+                Output::SendPages(_) => self.destination.fail(
+                    AbortReason::LocalFailure,
+                    "the destination made a page batch",
+                ),
                 Output::Do(action) => self.actions.push(action),
             }
         }

@@ -223,6 +223,12 @@ fn migrate_vm(seed: u64, writes_per_tick: u64, fault: Fault, disk: bool) -> Run 
             while let Some(output) = source.poll_output() {
                 match output {
                     Output::Send(m) => link.send(&m, &mut to_destination),
+                    Output::SendPages(batch) => {
+                        let m = batch
+                            .to_message(&guest)
+                            .expect("the fake guest has every page");
+                        link.send(&m, &mut to_destination)
+                    }
                     Output::Do(SourceAction::SetThrottle(level)) => {
                         throttled |= level > 0;
                         guest.throttle = level;
@@ -280,6 +286,7 @@ fn migrate_vm(seed: u64, writes_per_tick: u64, fault: Fault, disk: bool) -> Run 
                     }
                     Output::Do(DestinationAction::DiscardCopy) => host.discarded = true,
                     Output::Do(DestinationAction::AnnounceMac(mac)) => host.announced = Some(mac),
+                    Output::SendPages(_) => panic!("the destination made a page batch"),
                 }
             }
             match receive(&mut to_source) {

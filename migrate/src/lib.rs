@@ -35,6 +35,7 @@ pub mod link;
 pub mod machine;
 pub mod message;
 pub mod owner;
+pub mod pending;
 pub mod policy;
 pub mod source;
 

@@ -10,6 +10,8 @@ use core::fmt;
 
 use crate::frame::{FrameDecoder, FrameError, FrameKind};
 use crate::message::{Message, MessageError, PageBatchView};
+use crate::pending::{BatchError, PendingBatch};
+use crate::source::SourceGuest;
 use transport::OutQueue;
 
 /// Most bytes [`FrameLink::receive`] pulls from the pipe in one call. A peer sending faster than
@@ -89,6 +91,16 @@ impl FrameLink {
     /// queued, so the stream never holds half a frame.
     pub fn queue(&mut self, message: &Message) -> Result<(), MessageError> {
         self.out.push_with(|out| message.encode(out))
+    }
+
+    /// Encodes a page batch as one whole frame at the end of the outbound queue, its raw pages
+    /// read from `guest` straight into the queue. On error nothing is queued.
+    pub fn queue_pending(
+        &mut self,
+        batch: &PendingBatch,
+        guest: &(impl SourceGuest + ?Sized),
+    ) -> Result<(), BatchError> {
+        self.out.push_with(|out| batch.encode(guest, out))
     }
 
     /// Bytes queued but not yet accepted by the pipe.

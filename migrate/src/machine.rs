@@ -17,6 +17,9 @@ use crate::message::{Abort, AbortReason, Capabilities, CpuVendor, Hello, Message
 pub enum Output<A> {
     /// Send this message to the peer.
     Send(Message),
+    /// Send this page batch, its raw pages read from guest memory as it is encoded (only a
+    /// source sends these; see [`crate::pending`]).
+    SendPages(crate::pending::PendingBatch),
     /// Perform this local action before feeding the machine anything else that depends on it.
     Do(A),
 }

@@ -331,6 +331,56 @@ fn next_page<'a>(
     Ok((page, data))
 }
 
+/// Writes the payload of a page batch of `count` pages (the [`Message::PageBatch`] layout), the
+/// pages taken from wherever they lie: a message's entries, or guest memory
+/// ([`crate::pending::PendingBatch`]). `pages` must yield exactly `count` items.
+pub(crate) fn encode_page_batch<'a>(
+    out: &mut Vec<u8>,
+    round: u32,
+    count: usize,
+    pages: impl Iterator<Item = (u64, PageData<'a>)>,
+) -> Result<(), MessageError> {
+    out.extend_from_slice(&round.to_le_bytes());
+    let count_field = u32::try_from(count).map_err(|_| MessageError::TooLong {
+        field: "page batch",
+        len: count,
+        max: u32::MAX as usize,
+    })?;
+    out.extend_from_slice(&count_field.to_le_bytes());
+    let mut previous: Option<u64> = None;
+    let mut written = 0;
+    for (page, data) in pages {
+        if previous.is_some_and(|p| page <= p) {
+            return Err(MessageError::InvalidValue {
+                field: "page number order",
+                value: page,
+            });
+        }
+        previous = Some(page);
+        out.extend_from_slice(&page.to_le_bytes());
+        match data {
+            PageData::Raw(bytes) => {
+                out.push(0);
+                out.extend_from_slice(&bytes[..]);
+            }
+            PageData::Zero => out.push(1),
+            PageData::Compressed(data) => {
+                check_compressed_page(data)?;
+                out.push(2);
+                put_blob(out, data, "compressed page", PAGE_SIZE)?;
+            }
+        }
+        written += 1;
+    }
+    if written != count {
+        return Err(MessageError::InvalidValue {
+            field: "page batch count",
+            value: written as u64,
+        });
+    }
+    Ok(())
+}
+
 impl PageEntry {
     /// The entry's page as borrowed data.
     pub fn data(&self) -> PageData<'_> {
@@ -925,39 +975,12 @@ impl Message {
                     }
                 }
             },
-            Message::PageBatch(batch) => {
-                out.extend_from_slice(&batch.round.to_le_bytes());
-                let count =
-                    u32::try_from(batch.entries.len()).map_err(|_| MessageError::TooLong {
-                        field: "page batch",
-                        len: batch.entries.len(),
-                        max: u32::MAX as usize,
-                    })?;
-                out.extend_from_slice(&count.to_le_bytes());
-                let mut previous: Option<u64> = None;
-                for entry in &batch.entries {
-                    if previous.is_some_and(|p| entry.page <= p) {
-                        return Err(MessageError::InvalidValue {
-                            field: "page number order",
-                            value: entry.page,
-                        });
-                    }
-                    previous = Some(entry.page);
-                    out.extend_from_slice(&entry.page.to_le_bytes());
-                    match &entry.encoding {
-                        PageEncoding::Raw(bytes) => {
-                            out.push(0);
-                            out.extend_from_slice(&bytes[..]);
-                        }
-                        PageEncoding::Zero => out.push(1),
-                        PageEncoding::Compressed(data) => {
-                            check_compressed_page(data)?;
-                            out.push(2);
-                            put_blob(out, data, "compressed page", PAGE_SIZE)?;
-                        }
-                    }
-                }
-            }
+            Message::PageBatch(batch) => encode_page_batch(
+                out,
+                batch.round,
+                batch.entries.len(),
+                batch.entries.iter().map(|entry| (entry.page, entry.data())),
+            )?,
             Message::RoundMarker(m) => {
                 out.extend_from_slice(&m.round.to_le_bytes());
                 out.extend_from_slice(&m.pages_sent.to_le_bytes());

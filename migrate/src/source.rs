@@ -28,7 +28,6 @@
 //! (the cluster's owner record / the disk reservation, see storage/) and calls
 //! [`Source::resolve_in_doubt`]. This is where we differ from "the source resumes on any error".
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -38,9 +37,9 @@ use crate::frame::HEADER_LEN;
 use crate::machine::{version_compatible, Failure, GuestError, Output, Timeouts};
 use crate::message::{
     compact_encoding, AbortReason, Capabilities, ConfigReply, CpuVendor, DeviceStateMsg, Hello,
-    Message, MessageError, PageBatch, PageEncoding, PageEntry, RoundMarker, VcpuStateMsg, VmConfig,
-    PAGE_SIZE,
+    Message, MessageError, PageEncoding, PageEntry, RoundMarker, VcpuStateMsg, VmConfig, PAGE_SIZE,
 };
+use crate::pending::{PendingBatch, PendingPage};
 use crate::policy::{Decision, Policy, PolicyConfig, PolicyError};
 
 /// Largest number of pages per batch a source may be configured with: keeps a batch (up to
@@ -51,8 +50,8 @@ pub const MAX_BATCH_PAGES: usize = 2048;
 pub trait SourceGuest {
     /// Number of guest pages.
     fn page_count(&self) -> u64;
-    /// Copies page `page` into `out`, all of it: `out` may hold an earlier page's bytes.
-    fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError>;
+    /// Page `page` where it lies in guest memory (read only while the VM does not run).
+    fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError>;
     /// The pages written since the previous call (in any order), clearing the log.
     fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError>;
     /// The encoded state of every vCPU (vmx `VcpuState::encode`), in vCPU order. Called paused.
@@ -200,8 +199,6 @@ pub struct Source {
     round_start: u64,
     round_bytes: u64,
     round_sent: u64,
-    /// Page buffers for the next batches (see [`Source::recycle`]).
-    spare_pages: Vec<Box<[u8; PAGE_SIZE]>>,
     /// Pages dirtied in the last pre-copy round, sent with the final pages after pausing.
     pending: Vec<u64>,
     paused: bool,
@@ -271,7 +268,6 @@ impl Source {
             round_start: 0,
             round_bytes: 0,
             round_sent: 0,
-            spare_pages: Vec::new(),
             pending: Vec::new(),
             paused: false,
             throttled: false,
@@ -449,22 +445,6 @@ impl Source {
         }
     }
 
-    /// Takes back a message this source sent, once encoded: the page buffers of a page batch
-    /// serve the next batches (at most two batches' worth are kept).
-    pub fn recycle(&mut self, message: Message) {
-        if let Message::PageBatch(batch) = message {
-            let keep = 2 * self.config.batch_pages;
-            for entry in batch.entries {
-                if self.spare_pages.len() >= keep {
-                    break;
-                }
-                if let PageEncoding::Raw(buffer) = entry.encoding {
-                    self.spare_pages.push(buffer);
-                }
-            }
-        }
-    }
-
     /// The driver paused the VM as asked by [`SourceAction::PauseVm`].
     pub fn on_paused(&mut self, now: u64, guest: &mut impl SourceGuest) {
         if self.state != SourceState::Pausing {
@@ -634,43 +614,37 @@ impl Source {
             .cursor
             .saturating_add(self.config.batch_pages)
             .min(self.round_pages.len());
-        let mut entries = Vec::with_capacity(end - self.cursor);
-        // Pages are read into a box that becomes the entry of a raw page, so a raw page is not
-        // copied again on its way into the message. Boxes come back through `recycle` once
-        // the message is encoded, and a box of a page sent otherwise is reused at once: no
-        // page-sized allocation, and no zeroing of one, per page sent.
+        let mut pages = Vec::with_capacity(end - self.cursor);
+        // Each page is classified where it lies; a raw one is read again only when the driver
+        // encodes the batch (see `crate::pending`), so it is copied once on its way out.
         let mut bytes = (HEADER_LEN + 8) as u64;
         for &page in self.round_pages.get(self.cursor..end).unwrap_or(&[]) {
-            let mut buffer = self
-                .spare_pages
-                .pop()
-                .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE]));
-            guest.read_page(page, &mut buffer)?;
-            let encoding = match compact_encoding(&buffer, self.caps) {
-                Some(encoding) => {
-                    self.spare_pages.push(buffer);
-                    encoding
+            let pending = match compact_encoding(guest.page(page)?, self.caps) {
+                None => {
+                    self.summary.pages_raw += 1;
+                    PendingPage::InGuest(page)
                 }
-                None => PageEncoding::Raw(buffer),
+                Some(encoding) => {
+                    match encoding {
+                        PageEncoding::Raw(_) => self.summary.pages_raw += 1,
+                        PageEncoding::Zero => self.summary.pages_zero += 1,
+                        PageEncoding::Compressed(_) => self.summary.pages_compressed += 1,
+                    }
+                    PendingPage::Encoded(PageEntry { page, encoding })
+                }
             };
-            bytes += encoding.wire_len() as u64;
-            match encoding {
-                PageEncoding::Raw(_) => self.summary.pages_raw += 1,
-                PageEncoding::Zero => self.summary.pages_zero += 1,
-                PageEncoding::Compressed(_) => self.summary.pages_compressed += 1,
-            }
-            entries.push(PageEntry { page, encoding });
+            bytes += pending.wire_len() as u64;
+            pages.push(pending);
         }
         let count = (end - self.cursor) as u64;
         self.cursor = end;
         self.round_bytes += bytes;
         self.round_sent += count;
         self.summary.bytes_sent += bytes;
-        self.out
-            .push_back(Output::Send(Message::PageBatch(PageBatch {
-                round: self.round,
-                entries,
-            })));
+        self.out.push_back(Output::SendPages(PendingBatch {
+            round: self.round,
+            pages,
+        }));
         Ok(())
     }
 
@@ -747,9 +721,8 @@ mod tests {
         fn page_count(&self) -> u64 {
             2
         }
-        fn read_page(&self, _page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
-            out.fill(0);
-            Ok(())
+        fn page(&self, _page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
+            Ok(&crate::message::ZERO_PAGE)
         }
         fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
             Ok(Vec::new())
@@ -782,24 +755,6 @@ mod tests {
             timeouts: Timeouts::default(),
             batch_pages: 8,
         }
-    }
-
-    #[test]
-    fn sent_page_buffers_are_recycled_up_to_two_batches() {
-        let mut s = Source::new(config()).unwrap();
-        let raw = |page| PageEntry {
-            page,
-            encoding: PageEncoding::Raw(Box::new([7; PAGE_SIZE])),
-        };
-        let mut entries: Vec<PageEntry> = (0..40).map(raw).collect();
-        entries.push(PageEntry {
-            page: 40,
-            encoding: PageEncoding::Zero,
-        });
-        s.recycle(Message::PageBatch(PageBatch { round: 1, entries }));
-        assert_eq!(s.spare_pages.len(), 2 * config().batch_pages);
-        s.recycle(Message::Commit);
-        assert_eq!(s.spare_pages.len(), 2 * config().batch_pages);
     }
 
     fn drain(s: &mut Source) -> Vec<Output<SourceAction>> {

@@ -134,13 +134,11 @@ impl SourceGuest for FakeGuest {
         self.pages.len() as u64
     }
 
-    fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
-        let p = self
-            .pages
+    fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
+        self.pages
             .get(page as usize)
-            .ok_or(GuestError::PageOutOfRange { page })?;
-        out.copy_from_slice(&p[..]);
-        Ok(())
+            .map(|p| &**p)
+            .ok_or(GuestError::PageOutOfRange { page })
     }
 
     fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {

@@ -49,12 +49,10 @@ impl SourceGuest for SourceVm<'_> {
         self.vm().map_or(0, Vm::page_count)
     }
 
-    fn read_page(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), GuestError> {
-        if self.vm()?.read_page(page, out) {
-            Ok(())
-        } else {
-            Err(GuestError::PageOutOfRange { page })
-        }
+    fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
+        self.vm()?
+            .page(page)
+            .ok_or(GuestError::PageOutOfRange { page })
     }
 
     fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {

@@ -25,7 +25,7 @@ use migrate::destination::{Destination, DestinationAction, DestinationConfig, De
 use migrate::digest::MemoryDigest;
 use migrate::driver::{DestinationDriver, SourceDriver};
 use migrate::machine::Timeouts;
-use migrate::message::{Capabilities, CpuVendor, Ownership, SharedDisk, VmConfig, PAGE_SIZE};
+use migrate::message::{Capabilities, CpuVendor, Ownership, SharedDisk, VmConfig};
 use migrate::owner::{OwnerQueryClient, OwnerResponder, QueryState};
 use migrate::policy::PolicyConfig;
 use migrate::source::{Source, SourceAction, SourceConfig, SourceState};
@@ -1033,10 +1033,9 @@ fn source_actions(
 /// The digest of all of a VM's memory (see `migrate::digest`).
 fn digest_of(vm: &crate::vm::Vm) -> u64 {
     let mut digest = MemoryDigest::zeroed(0);
-    let mut page = [0u8; PAGE_SIZE];
     for index in 0..vm.page_count() {
-        if vm.read_page(index, &mut page) {
-            digest.add(index, &page);
+        if let Some(page) = vm.page(index) {
+            digest.add(index, page);
         }
     }
     digest.value()

@@ -128,6 +128,14 @@ impl GuestRam {
         Some(unsafe { &*(mem::phys_to_virt(hpa) as *const [u64; 512]) })
     }
 
+    /// Guest page `index` as bytes (None past the end of RAM).
+    pub fn page_bytes(&self, index: usize) -> Option<&[u8; FRAME_SIZE as usize]> {
+        let hpa = *self.frames.get(index)?;
+        // SAFETY: as in `page_words`: the frame is this guest's and page-aligned, `&self` keeps
+        // the RAM alive, and the guest does not run while the reference is held (single core).
+        Some(unsafe { &*(mem::phys_to_virt(hpa) as *const [u8; FRAME_SIZE as usize]) })
+    }
+
     /// Guest page `index` as writable words (None past the end of RAM).
     pub fn page_words_mut(&mut self, index: usize) -> Option<&mut [u64; 512]> {
         let hpa = *self.frames.get(index)?;

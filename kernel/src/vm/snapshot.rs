@@ -40,10 +40,9 @@ impl Vm {
         self.ram.size() / FRAME_SIZE
     }
 
-    /// Copies guest page `page` into `out`; false past the end of RAM.
-    pub fn read_page(&self, page: u64, out: &mut [u8; 4096]) -> bool {
-        page.checked_mul(FRAME_SIZE)
-            .is_some_and(|gpa| self.ram.read(gpa, out))
+    /// Guest page `page` where it lies in RAM (None past the end of RAM).
+    pub fn page(&self, page: u64) -> Option<&[u8; 4096]> {
+        self.ram.page_bytes(usize::try_from(page).ok()?)
     }
 
     /// Overwrites guest page `page`; false past the end of RAM.
