@@ -317,8 +317,21 @@ mod unit {
     use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
-    /// A switch on a fresh socket path, running in the background.
-    fn switch(port_queue: usize) -> (PathBuf, PortCount) {
+    /// A switch running in the background on a socket in a directory of its own, which goes
+    /// away with it (the switch's threads live on, on an unlinked socket, until the test ends).
+    struct TestSwitch {
+        dir: PathBuf,
+        path: PathBuf,
+        ports: PortCount,
+    }
+
+    impl Drop for TestSwitch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn switch(port_queue: usize) -> TestSwitch {
         let dir = std::env::temp_dir().join(format!(
             "switch-test-{}-{:?}",
             std::process::id(),
@@ -330,12 +343,12 @@ mod unit {
         let sw = StreamSwitch::bind(&path, port_queue).unwrap();
         let ports = sw.ports();
         thread::spawn(move || sw.run());
-        (path, ports)
+        TestSwitch { dir, path, ports }
     }
 
     /// Connects a port and waits until the switch has registered it: a frame sent before
     /// then would not reach the new port.
-    fn connect((path, ports): &(PathBuf, PortCount)) -> UnixStream {
+    fn connect(TestSwitch { path, ports, .. }: &TestSwitch) -> UnixStream {
         let before = ports.get();
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -494,7 +507,7 @@ mod unit {
         let gone = connect(&sw);
         drop(gone);
         let started = Instant::now();
-        while sw.1.get() > 2 {
+        while sw.ports.get() > 2 {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "closed ports stay"
