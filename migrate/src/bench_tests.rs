@@ -25,37 +25,12 @@ use crate::machine::{GuestError, Output};
 use crate::message::{
     Capabilities, ConfigReply, CpuVendor, Hello, Message, RefuseReason, VmConfig, PAGE_SIZE,
 };
-use crate::source::{Source, SourceGuest};
-use crate::testing::{destination_config, source_config, Page, Rng};
+use crate::source::Source;
+use crate::testing::{destination_config, source_config, Page, PagesGuest, Rng};
 
 const PAGES: usize = 4096;
 const BATCH: usize = 32;
 const PASSES: usize = 15;
-
-struct Guest {
-    pages: Vec<Page>,
-}
-
-impl SourceGuest for Guest {
-    fn page_count(&self) -> u64 {
-        self.pages.len() as u64
-    }
-    fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
-        self.pages
-            .get(page as usize)
-            .map(|p| &**p)
-            .ok_or(GuestError::PageOutOfRange { page })
-    }
-    fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
-        Ok(Vec::new())
-    }
-    fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
-        Ok(Vec::new())
-    }
-    fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
-        Ok(Vec::new())
-    }
-}
 
 struct Host {
     pages: Vec<Page>,
@@ -124,7 +99,7 @@ fn peer_hello() -> Message {
 }
 
 /// One first round of the source; returns its time per page and, if asked, the stream.
-fn send_pass(guest: &mut Guest, capture: bool) -> (f64, Option<Vec<u8>>) {
+fn send_pass(guest: &mut PagesGuest, capture: bool) -> (f64, Option<Vec<u8>>) {
     let mut source = Source::new(source_config(PAGES, BATCH)).unwrap();
     let mut link = FrameLink::new();
     let mut pipe = Sink {
@@ -134,16 +109,17 @@ fn send_pass(guest: &mut Guest, capture: bool) -> (f64, Option<Vec<u8>>) {
     source.on_message(1, peer_hello(), guest);
     source.on_message(2, Message::VmConfigReply(ConfigReply::Accept), guest);
     // As the source driver does: page batches encoded from guest memory, the rest as messages.
-    let queue_all = |source: &mut Source, guest: &Guest, link: &mut FrameLink, pipe: &mut Sink| {
-        while let Some(output) = source.poll_output() {
-            match output {
-                Output::Send(message) => link.queue(&message).unwrap(),
-                Output::SendPages(batch) => link.queue_pending(&batch, guest).unwrap(),
-                Output::Do(_) => {}
+    let queue_all =
+        |source: &mut Source, guest: &PagesGuest, link: &mut FrameLink, pipe: &mut Sink| {
+            while let Some(output) = source.poll_output() {
+                match output {
+                    Output::Send(message) => link.queue(&message).unwrap(),
+                    Output::SendPages(batch) => link.queue_pending(&batch, guest).unwrap(),
+                    Output::Do(_) => {}
+                }
             }
-        }
-        link.flush(pipe).unwrap();
-    };
+            link.flush(pipe).unwrap();
+        };
     queue_all(&mut source, guest, &mut link, &mut pipe);
     let start = Instant::now();
     while source.round_pages_left() > 0 {
@@ -190,7 +166,7 @@ fn best_and_median(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 fn run(label: &str, pages: Vec<Page>) {
-    let mut guest = Guest { pages };
+    let mut guest = PagesGuest(pages);
     let (_, stream) = send_pass(&mut guest, true);
     let stream = stream.unwrap();
     let send: Vec<f64> = (0..PASSES)
@@ -202,7 +178,7 @@ fn run(label: &str, pages: Vec<Page>) {
     let receive: Vec<f64> = (0..PASSES)
         .map(|_| receive_pass(&stream, &mut host))
         .collect();
-    assert!(host.pages == guest.pages, "destination memory differs");
+    assert!(host.pages == guest.0, "destination memory differs");
     let (send_best, send_median) = best_and_median(send);
     let (receive_best, receive_median) = best_and_median(receive);
     println!(

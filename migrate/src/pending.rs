@@ -150,34 +150,12 @@ mod tests {
     use super::*;
     use crate::frame::FrameDecoder;
     use crate::message::{compact_encoding, Capabilities};
+    use crate::testing::PagesGuest;
     use alloc::boxed::Box;
     use alloc::vec;
 
-    struct Guest(Vec<Box<[u8; PAGE_SIZE]>>);
-
-    impl SourceGuest for Guest {
-        fn page_count(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
-            self.0
-                .get(page as usize)
-                .map(|p| &**p)
-                .ok_or(GuestError::PageOutOfRange { page })
-        }
-        fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
-            Ok(Vec::new())
-        }
-        fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
-            Ok(Vec::new())
-        }
-        fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
-            Ok(Vec::new())
-        }
-    }
-
     /// Pages 0..4: noise (raw), zeros, one repeated byte after a word (compressible), noise.
-    fn guest() -> Guest {
+    fn guest() -> PagesGuest {
         let mut pages = vec![Box::new([0u8; PAGE_SIZE]); 4];
         for (i, b) in pages[0].iter_mut().enumerate() {
             *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
@@ -187,11 +165,11 @@ mod tests {
         for (i, b) in pages[3].iter_mut().enumerate() {
             *b = (i as u32 ^ 0x5bd1_e995).wrapping_mul(40_503).to_le_bytes()[1];
         }
-        Guest(pages)
+        PagesGuest(pages)
     }
 
     /// The batch a source makes of `pages`: compact pages encoded, the rest left in the guest.
-    fn batch(guest: &Guest, pages: &[u64]) -> PendingBatch {
+    fn batch(guest: &PagesGuest, pages: &[u64]) -> PendingBatch {
         let pages = pages
             .iter()
             .map(

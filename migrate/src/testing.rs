@@ -59,6 +59,30 @@ impl Rng {
 
 pub type Page = Box<[u8; PAGE_SIZE]>;
 
+/// A guest that is only its pages: never dirty, no vCPU or device state.
+pub struct PagesGuest(pub Vec<Page>);
+
+impl SourceGuest for PagesGuest {
+    fn page_count(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn page(&self, page: u64) -> Result<&[u8; PAGE_SIZE], GuestError> {
+        self.0
+            .get(page as usize)
+            .map(|p| &**p)
+            .ok_or(GuestError::PageOutOfRange { page })
+    }
+    fn harvest_dirty(&mut self) -> Result<Vec<u64>, GuestError> {
+        Ok(Vec::new())
+    }
+    fn save_vcpus(&mut self) -> Result<Vec<Vec<u8>>, GuestError> {
+        Ok(Vec::new())
+    }
+    fn save_devices(&mut self) -> Result<Vec<(u32, Vec<u8>)>, GuestError> {
+        Ok(Vec::new())
+    }
+}
+
 /// The fake guest's one vCPU state.
 pub fn vcpu_blob() -> Vec<u8> {
     let mut v = b"VCPU".to_vec();
