@@ -121,7 +121,8 @@ pub struct Stack<D: Device + TxFlush> {
     /// they were first seen in TIME-WAIT).
     closing: Vec<(SocketHandle, Option<Instant>)>,
     next_port: u16,
-    /// TCP sockets acknowledging every second segment while their connection opens.
+    /// TCP sockets acknowledged per segment while their connection opens (added and removed
+    /// through it, so it never holds a handle the socket set has reused).
     quick_acks: QuickAcks,
 }
 
@@ -362,7 +363,7 @@ impl<D: Device + TxFlush> Stack<D> {
                 install_address(&mut self.iface, &mut self.addr, tap.table, addr);
                 tap.own = addr;
             }
-            if !self.quick_acks.is_empty() && self.quick_acks.due(&self.sockets) {
+            if self.quick_acks.due(&self.sockets) {
                 // One round of transmission carries the acknowledgement.
                 self.iface.poll_egress(now, &mut tap, &mut self.sockets);
             }
@@ -402,8 +403,7 @@ impl<D: Device + TxFlush> Stack<D> {
                 _ => false,
             };
             if done {
-                quick_acks.remove(*h);
-                sockets.remove(*h);
+                quick_acks.remove_socket(sockets, *h);
             }
             !done
         });
@@ -456,9 +456,7 @@ impl<D: Device + TxFlush> Stack<D> {
                 local,
             )
             .map_err(|_| ConnectError::BadPort)?;
-        let handle = self.sockets.add(socket);
-        self.quick_acks.add(handle);
-        Ok(handle)
+        Ok(self.quick_acks.add_socket(&mut self.sockets, socket))
     }
 
     /// Opens a TCP connection to `target:port` (it completes during later polls); the socket
@@ -472,9 +470,7 @@ impl<D: Device + TxFlush> Stack<D> {
     pub fn tcp_listen(&mut self, port: u16) -> Result<SocketHandle, ConnectError> {
         let mut socket = bench::socket();
         socket.listen(port).map_err(|_| ConnectError::BadPort)?;
-        let handle = self.sockets.add(socket);
-        self.quick_acks.add(handle);
-        Ok(handle)
+        Ok(self.quick_acks.add_socket(&mut self.sockets, socket))
     }
 
     /// The socket of a handle from [`Stack::tcp_connect`] or [`Stack::tcp_listen`].
@@ -523,16 +519,14 @@ impl<D: Device + TxFlush> Stack<D> {
         servers.retain_mut(|(server, handle)| {
             let socket = sockets.get_mut::<tcp::Socket>(*handle);
             if server.advance(socket, served) {
-                quick_acks.remove(*handle);
-                sockets.remove(*handle);
+                quick_acks.remove_socket(sockets, *handle);
                 return false;
             }
             listening |= socket.state() == tcp::State::Listen;
             true
         });
         if !listening && servers.len() < bench::MAX_CONNECTIONS {
-            let handle = sockets.add(bench::listener());
-            quick_acks.add(handle);
+            let handle = quick_acks.add_socket(sockets, bench::listener());
             servers.push((BenchServer::default(), handle));
         }
     }

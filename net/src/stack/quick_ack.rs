@@ -41,23 +41,26 @@ pub struct QuickAcks {
 }
 
 impl QuickAcks {
-    /// Puts a new socket in quick-ACK mode (it must stay in the set until [`remove`](Self::remove)).
-    pub fn add(&mut self, handle: SocketHandle) {
+    /// Adds a new TCP socket to `sockets`, in quick-ACK mode; it leaves both through
+    /// [`remove_socket`](Self::remove_socket).
+    pub fn add_socket(
+        &mut self,
+        sockets: &mut SocketSet<'static>,
+        socket: tcp::Socket<'static>,
+    ) -> SocketHandle {
+        let handle = sockets.add(socket);
         self.entries.push(Entry {
             handle,
             left: QUICK_BYTES,
             acked_queue: 0,
         });
+        handle
     }
 
-    /// Forgets a socket (before it leaves the socket set: its handle may be reused).
-    pub fn remove(&mut self, handle: SocketHandle) {
+    /// Removes a socket from `sockets`, forgetting it here first (the set may reuse its handle).
+    pub fn remove_socket(&mut self, sockets: &mut SocketSet<'static>, handle: SocketHandle) {
         self.entries.retain(|e| e.handle != handle);
-    }
-
-    /// Whether no socket is in quick-ACK mode.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        sockets.remove(handle);
     }
 
     /// Before a poll receives: the last poll's transmission acknowledged everything queued,
