@@ -203,6 +203,12 @@ pub struct PageBatch {
     pub entries: Vec<PageEntry>,
 }
 
+/// Bytes of a batch entry before its body: the page number and the encoding's tag.
+const ENTRY_HEADER_LEN: usize = 9;
+
+/// Bytes of a batch entry holding a raw page.
+pub const RAW_ENTRY_LEN: usize = ENTRY_HEADER_LEN + PAGE_SIZE;
+
 /// One page of a received batch, borrowed from the frame it arrived in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageData<'a> {
@@ -271,11 +277,7 @@ impl<'a> PageBatchView<'a> {
             .pages()
             .map(|(page, data)| PageEntry {
                 page,
-                encoding: match data {
-                    PageData::Raw(bytes) => PageEncoding::Raw(alloc::boxed::Box::new(*bytes)),
-                    PageData::Zero => PageEncoding::Zero,
-                    PageData::Compressed(bytes) => PageEncoding::Compressed(bytes.to_vec()),
-                },
+                encoding: data.to_encoding(),
             })
             .collect();
         PageBatch {
@@ -379,6 +381,17 @@ pub(crate) fn encode_page_batch<'a>(
         });
     }
     Ok(())
+}
+
+impl PageData<'_> {
+    /// The page as an owned encoding (a raw page is copied into a box of its own).
+    pub fn to_encoding(self) -> PageEncoding {
+        match self {
+            PageData::Raw(bytes) => PageEncoding::Raw(alloc::boxed::Box::new(*bytes)),
+            PageData::Zero => PageEncoding::Zero,
+            PageData::Compressed(bytes) => PageEncoding::Compressed(bytes.to_vec()),
+        }
+    }
 }
 
 impl PageEntry {
@@ -730,10 +743,10 @@ impl PageEncoding {
 
     /// Bytes this entry adds to a batch payload (page number, tag and body).
     pub fn wire_len(&self) -> usize {
-        9 + match self {
-            PageEncoding::Raw(_) => PAGE_SIZE,
-            PageEncoding::Zero => 0,
-            PageEncoding::Compressed(data) => 4 + data.len(),
+        match self {
+            PageEncoding::Raw(_) => RAW_ENTRY_LEN,
+            PageEncoding::Zero => ENTRY_HEADER_LEN,
+            PageEncoding::Compressed(data) => ENTRY_HEADER_LEN + 4 + data.len(),
         }
     }
 }

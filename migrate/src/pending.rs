@@ -12,8 +12,7 @@ use core::fmt;
 
 use crate::frame::{self, FrameKind, HEADER_LEN};
 use crate::machine::GuestError;
-use crate::message::PAGE_SIZE;
-use crate::message::{self, Message, MessageError, PageBatch, PageData, PageEncoding, PageEntry};
+use crate::message::{self, Message, MessageError, PageBatch, PageData, PageEntry};
 use crate::source::SourceGuest;
 
 /// One page of a [`PendingBatch`].
@@ -26,18 +25,10 @@ pub enum PendingPage {
 }
 
 impl PendingPage {
-    /// The page number.
-    pub fn page(&self) -> u64 {
-        match self {
-            PendingPage::InGuest(page) => *page,
-            PendingPage::Encoded(entry) => entry.page,
-        }
-    }
-
-    /// Bytes this page adds to the batch's payload (as [`PageEncoding::wire_len`]).
+    /// Bytes this page adds to the batch's payload (as [`crate::message::PageEncoding::wire_len`]).
     pub fn wire_len(&self) -> usize {
         match self {
-            PendingPage::InGuest(_) => 9 + PAGE_SIZE,
+            PendingPage::InGuest(_) => message::RAW_ENTRY_LEN,
             PendingPage::Encoded(entry) => entry.encoding.wire_len(),
         }
     }
@@ -126,18 +117,13 @@ impl PendingBatch {
     /// The batch as the message the peer decodes (its raw pages copied out of `guest`).
     pub fn to_message(&self, guest: &(impl SourceGuest + ?Sized)) -> Result<Message, GuestError> {
         let entries = self
-            .pages
-            .iter()
-            .map(|page| {
-                Ok(match page {
-                    PendingPage::InGuest(number) => PageEntry {
-                        page: *number,
-                        encoding: PageEncoding::Raw(alloc::boxed::Box::new(*guest.page(*number)?)),
-                    },
-                    PendingPage::Encoded(entry) => entry.clone(),
-                })
+            .data(guest)?
+            .into_iter()
+            .map(|(page, data)| PageEntry {
+                page,
+                encoding: data.to_encoding(),
             })
-            .collect::<Result<Vec<_>, GuestError>>()?;
+            .collect();
         Ok(Message::PageBatch(PageBatch {
             round: self.round,
             entries,
@@ -149,7 +135,7 @@ impl PendingBatch {
 mod tests {
     use super::*;
     use crate::frame::FrameDecoder;
-    use crate::message::{compact_encoding, Capabilities};
+    use crate::message::{compact_encoding, Capabilities, PageEncoding, PAGE_SIZE};
     use crate::testing::PagesGuest;
     use alloc::boxed::Box;
     use alloc::vec;
