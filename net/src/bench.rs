@@ -39,8 +39,8 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// scheduler (emulator threads and the link's switch share the cores), so the window has to
 /// cover those delays: measured with two QEMU nodes, a 512 KiB window left an idle 64 MiB
 /// migration ACK-clocked at ~0.86 of the bench's throughput, 1 MiB gave ~0.9-0.92 (the bench
-/// itself slightly faster), while 2 MiB (past the receive ring, see the e1000 driver) made the
-/// bench collapse to ~110 MB/s.
+/// itself slightly faster), while 2 MiB (measured with the 1024-descriptor receive ring of
+/// then, which it overran) made the bench collapse to ~110 MB/s.
 pub const BUFFER: usize = 1024 * 1024;
 /// Length of the repeated pseudo-random pattern the client sends.
 const PATTERN_LEN: usize = 64 * 1024 - 1;
