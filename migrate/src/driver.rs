@@ -6,6 +6,10 @@
 //! then `flush`. Sending only in `flush` is what orders the wire after the actions: the
 //! destination's `CommitAck` is queued in the same step as its `ResumeVm`, and reaches the source
 //! only after the VM runs here, so the source never destroys its copy before the other one runs.
+//! One exception, which orders nothing: the source's pre-copy page batches, made by its ticks,
+//! go straight into the pipe's own buffer during `step` when nothing is queued before them and
+//! the pipe has room (one copy of each page less, [`FrameLink::send_pending`]); pages carry no
+//! decision and no action waits on them.
 //!
 //! Backpressure: the source produces page batches only while the link's outbound queue is below
 //! [`DriverLimits::outbound_high_water`], and at most [`DriverLimits::ticks_per_step`] per step,
@@ -139,16 +143,21 @@ impl Connection {
         self.link.queue(message)
     }
 
-    /// Like `queue`, for a page batch read from `guest` as it is encoded.
+    /// Like `queue`, for a page batch read from `guest` as it is encoded: straight into the
+    /// pipe's buffer when there is one at hand with room ([`FrameLink::send_pending`]).
     fn queue_pending(
         &mut self,
         batch: &PendingBatch,
         guest: &dyn SourceGuest,
+        pipe: Option<&mut dyn Pipe>,
     ) -> Result<(), BatchError> {
         if self.broken.is_some() {
             return Ok(());
         }
-        self.link.queue_pending(batch, guest)
+        match pipe {
+            Some(pipe) => self.link.send_pending(batch, guest, pipe),
+            None => self.link.queue_pending(batch, guest),
+        }
     }
 
     /// Sends what the pipe takes; a pipe error or a stall breaks the connection and is returned.
@@ -211,7 +220,8 @@ impl SourceDriver {
     }
 
     /// One non-blocking step: receives and handles what is waiting, fires deadlines, and during
-    /// pre-copy queues page batches within the limits. Sends nothing (see [`flush`](Self::flush)).
+    /// pre-copy makes page batches within the limits. Sends nothing but those batches (see the
+    /// module doc and [`flush`](Self::flush)).
     /// Returns the actions to perform, in order.
     pub fn step(
         &mut self,
@@ -239,7 +249,7 @@ impl SourceDriver {
         if let Some(failure) = pipe_failure {
             self.transport_failed(now, failure);
         }
-        self.tick(now, guest, pipe.in_flight());
+        self.tick(now, guest, pipe);
         core::mem::take(&mut self.actions)
     }
 
@@ -316,7 +326,9 @@ impl SourceDriver {
         self.drain(now, None);
     }
 
-    fn tick(&mut self, now: u64, guest: &mut impl SourceGuest, in_flight: usize) {
+    /// Ticks the machine while it copies, within the limits; its page batches go straight
+    /// into `pipe`'s buffer while it has room (the send of the step, see the module doc).
+    fn tick(&mut self, now: u64, guest: &mut impl SourceGuest, pipe: &mut impl Pipe) {
         let limits = self.conn.limits;
         let copying = |state| matches!(state, SourceState::PreCopy | SourceState::FinalCopy);
         for _ in 0..limits.ticks_per_step.max(1) {
@@ -327,13 +339,13 @@ impl SourceDriver {
                 // A pre-copy round ends once its pages reached the peer (`Pipe::in_flight`).
                 let round_ends_next =
                     state == SourceState::PreCopy && self.source.round_pages_left() == 0;
-                let undelivered = queued > 0 || in_flight > 0;
+                let undelivered = queued > 0 || pipe.in_flight() > 0;
                 if queued >= limits.outbound_high_water || (round_ends_next && undelivered) {
                     break;
                 }
             }
             self.source.on_tick(now, guest);
-            self.drain(now, Some(&*guest));
+            self.drain_to(now, Some(&*guest), Some(pipe));
             if !copying(self.source.state()) {
                 break;
             }
@@ -343,6 +355,16 @@ impl SourceDriver {
     /// Moves the machine's outputs to the link (messages) and the action list. Page batches
     /// are encoded from `guest` (every call that can make one has it).
     fn drain(&mut self, now: u64, guest: Option<&dyn SourceGuest>) {
+        self.drain_to(now, guest, None);
+    }
+
+    /// Like `drain`, page batches written straight into `pipe`'s buffer while it has room.
+    fn drain_to(
+        &mut self,
+        now: u64,
+        guest: Option<&dyn SourceGuest>,
+        mut pipe: Option<&mut dyn Pipe>,
+    ) {
         while let Some(output) = self.source.poll_output() {
             match output {
                 Output::Send(message) => {
@@ -355,7 +377,10 @@ impl SourceDriver {
                 }
                 Output::SendPages(batch) => {
                     let queued = match guest {
-                        Some(guest) => self.conn.queue_pending(&batch, guest),
+                        Some(guest) => {
+                            let pipe = pipe.as_mut().map(|p| &mut **p as &mut dyn Pipe);
+                            self.conn.queue_pending(&batch, guest, pipe)
+                        }
                         None => Err(BatchError::Guest(GuestError::Failed(
                             "a page batch was made without the guest at hand",
                         ))),

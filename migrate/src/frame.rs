@@ -232,15 +232,47 @@ pub fn encode_with<E: From<FrameError>>(
         }
         .into());
     }
-    let frame = &mut out[start..];
-    frame[0..4].copy_from_slice(&MAGIC);
-    frame[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    frame[6..8].copy_from_slice(&kind.code().to_le_bytes());
-    // Cannot truncate: MAX_PAYLOAD fits in a u32.
-    frame[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    let sum = checksum(&frame[..CHECKED_HEADER_LEN], &frame[HEADER_LEN..]);
-    frame[CHECKED_HEADER_LEN..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
+    let (header, payload) = out[start..]
+        .split_first_chunk_mut::<HEADER_LEN>()
+        .expect("the header's space was appended above");
+    write_header(kind, header, payload);
     Ok(())
+}
+
+/// Encodes one frame of `kind` in place, in space of exactly the frame's length (a pipe's own
+/// buffer) split as its `header` and `payload`: `write_payload` fills all of `payload`, then the
+/// header is written. Like [`encode_with`] without the vector, for a payload whose length is
+/// known beforehand.
+///
+/// Fails with [`FrameError::TooLarge`], before `write_payload` runs, if `payload` is longer than
+/// [`MAX_PAYLOAD`]. On any error the contents of both are undefined and must not be sent.
+pub fn encode_into<E: From<FrameError>>(
+    kind: FrameKind,
+    header: &mut [u8; HEADER_LEN],
+    payload: &mut [u8],
+    write_payload: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            len: payload.len() as u64,
+        }
+        .into());
+    }
+    write_payload(payload)?;
+    write_header(kind, header, payload);
+    Ok(())
+}
+
+/// Fills in the header of a frame whose payload (at most [`MAX_PAYLOAD`] bytes) is written:
+/// its fields and the checksum over them and the payload.
+fn write_header(kind: FrameKind, header: &mut [u8; HEADER_LEN], payload: &[u8]) {
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&kind.code().to_le_bytes());
+    // Cannot truncate: MAX_PAYLOAD fits in a u32.
+    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let sum = checksum(&header[..CHECKED_HEADER_LEN], payload);
+    header[CHECKED_HEADER_LEN..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// The frame checksum: XXH64 of the checked header fields followed by the payload.
@@ -569,6 +601,37 @@ mod tests {
             })
         );
         assert_eq!(out, before);
+
+        // Into space of the frame's length: the same bytes as appended to a vector.
+        let mut header = [0u8; HEADER_LEN];
+        let mut payload = [0u8; 7];
+        encode_into(FrameKind::VmConfig, &mut header, &mut payload, |p| {
+            p.copy_from_slice(b"payload");
+            Ok::<(), FrameError>(())
+        })
+        .unwrap();
+        assert_eq!([&header[..], &payload[..]].concat(), expected[6..]);
+        assert_eq!(
+            encode_into(FrameKind::Commit, &mut header, &mut payload, |_| Err(
+                refused
+            )),
+            Err(refused)
+        );
+        let mut huge = vec![0u8; MAX_PAYLOAD + 1];
+        let mut called = false;
+        assert_eq!(
+            encode_into(FrameKind::PageBatch, &mut header, &mut huge, |_| {
+                called = true;
+                Ok::<(), FrameError>(())
+            }),
+            Err(FrameError::TooLarge {
+                len: MAX_PAYLOAD as u64 + 1
+            })
+        );
+        assert!(
+            !called,
+            "a payload over the limit is refused before it is written"
+        );
     }
 
     #[test]

@@ -65,6 +65,8 @@ impl core::error::Error for LinkError {}
 pub struct FrameLink {
     /// Encoded frames the pipe has not taken yet (frames are encoded straight into it).
     out: OutQueue,
+    /// Bytes written straight into the pipe's buffer ([`FrameLink::send_pending`]).
+    sent_in_place: u64,
     decoder: FrameDecoder,
     bytes_received: u64,
     failure: Option<LinkError>,
@@ -81,6 +83,7 @@ impl FrameLink {
     pub fn new() -> Self {
         Self {
             out: OutQueue::new(),
+            sent_in_place: 0,
             decoder: FrameDecoder::new(),
             bytes_received: 0,
             failure: None,
@@ -103,6 +106,33 @@ impl FrameLink {
         self.out.push_with(|out| batch.encode(guest, out))
     }
 
+    /// Sends a page batch as one whole frame, its raw pages read from `guest`: written straight
+    /// into the pipe's own buffer ([`Pipe::send_in_place`]) when nothing waits in the outbound
+    /// queue and the pipe has room for the whole frame, which spares each raw page a copy; else
+    /// queued as by [`queue_pending`](Self::queue_pending). On error nothing is sent or queued.
+    pub fn send_pending(
+        &mut self,
+        batch: &PendingBatch,
+        guest: &(impl SourceGuest + ?Sized),
+        pipe: &mut dyn Pipe,
+    ) -> Result<(), BatchError> {
+        if self.out.is_empty() {
+            let len = batch.wire_len();
+            let mut encoded = Ok(());
+            let fill = &mut |frame: &mut [u8]| {
+                encoded = batch.encode_into(guest, frame);
+                encoded.is_ok()
+            };
+            // A pipe error is the flush's to report; the frame then waits in the queue.
+            if pipe.send_in_place(len, fill) == Ok(true) {
+                self.sent_in_place += len as u64;
+                return Ok(());
+            }
+            encoded?;
+        }
+        self.queue_pending(batch, guest)
+    }
+
     /// Bytes queued but not yet accepted by the pipe.
     pub fn queued(&self) -> usize {
         self.out.len()
@@ -110,7 +140,7 @@ impl FrameLink {
 
     /// Total bytes the pipe accepted.
     pub fn bytes_sent(&self) -> u64 {
-        self.out.bytes_sent()
+        self.out.bytes_sent() + self.sent_in_place
     }
 
     /// Total bytes read from the pipe.
@@ -199,6 +229,7 @@ impl Incoming<'_> {
 mod tests {
     use super::*;
     use crate::message::{Abort, AbortReason, PageBatch, PageEncoding, PageEntry, PAGE_SIZE};
+    use crate::pending::BatchError;
     use alloc::boxed::Box;
     use alloc::collections::VecDeque;
     use alloc::string::ToString;
@@ -214,6 +245,8 @@ mod tests {
         /// Returned by every call once set.
         error: Option<PipeError>,
         sends: usize,
+        /// Frames written in place.
+        in_place: usize,
     }
 
     impl MemPipe {
@@ -224,6 +257,7 @@ mod tests {
                 recv_limit,
                 error: None,
                 sends: 0,
+                in_place: 0,
             }
         }
     }
@@ -237,6 +271,27 @@ mod tests {
             let n = data.len().min(self.send_limit);
             self.wire.extend(&data[..n]);
             Ok(n)
+        }
+
+        /// In place only for a frame within one send's limit, as a ring with that much room.
+        fn send_in_place(
+            &mut self,
+            len: usize,
+            fill: &mut dyn FnMut(&mut [u8]) -> bool,
+        ) -> Result<bool, PipeError> {
+            if let Some(e) = self.error {
+                return Err(e);
+            }
+            if len > self.send_limit {
+                return Ok(false);
+            }
+            let mut space = vec![0u8; len];
+            if !fill(&mut space) {
+                return Ok(false);
+            }
+            self.in_place += 1;
+            self.wire.extend(&space);
+            Ok(true)
         }
 
         fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
@@ -399,6 +454,82 @@ mod tests {
         fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
             self.inner.recv(buf)
         }
+    }
+
+    /// Two pages of distinct bytes, as a guest to read batches from.
+    fn pages_guest() -> crate::testing::PagesGuest {
+        crate::testing::PagesGuest(vec![
+            Box::new([0x5A; PAGE_SIZE]),
+            Box::new([0xA5; PAGE_SIZE]),
+        ])
+    }
+
+    fn pending(round: u32, pages: &[u64]) -> PendingBatch {
+        PendingBatch {
+            round,
+            pages: pages
+                .iter()
+                .map(|&p| crate::pending::PendingPage::InGuest(p))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn page_batches_go_into_the_pipe_in_place_only_with_nothing_queued_before_them() {
+        let guest = pages_guest();
+        let mut link = FrameLink::new();
+        let mut pipe = MemPipe::new(usize::MAX, usize::MAX);
+        let batch = pending(1, &[0, 1]);
+        let len = batch.wire_len() as u64;
+        let mut expected = Vec::new();
+
+        // A message waits in the queue: the batch queues behind it, in order.
+        link.queue(&Message::Commit).unwrap();
+        expected.push(Message::Commit);
+        let commit_len = link.queued() as u64;
+        link.send_pending(&batch, &guest, &mut pipe).unwrap();
+        expected.push(batch.to_message(&guest).unwrap());
+        assert_eq!(link.queued() as u64, commit_len + len);
+        assert_eq!(pipe.in_place, 0);
+        link.flush(&mut pipe).unwrap();
+
+        // Nothing queued and room in the pipe: in place, nothing through the queue.
+        let sends = pipe.sends;
+        link.send_pending(&pending(2, &[1]), &guest, &mut pipe)
+            .unwrap();
+        expected.push(pending(2, &[1]).to_message(&guest).unwrap());
+        assert_eq!((pipe.in_place, pipe.sends, link.queued()), (1, sends, 0));
+        let in_place_len = pending(2, &[1]).wire_len() as u64;
+        assert_eq!(link.bytes_sent(), commit_len + len + in_place_len);
+
+        // No room for the whole frame: queued, sent by the flush.
+        pipe.send_limit = 100;
+        link.send_pending(&batch, &guest, &mut pipe).unwrap();
+        expected.push(batch.to_message(&guest).unwrap());
+        assert_eq!((pipe.in_place, link.queued() as u64), (1, len));
+        pipe.send_limit = usize::MAX;
+        link.flush(&mut pipe).unwrap();
+
+        // A page the guest cannot give: nothing sent, nothing queued.
+        let before = (pipe.wire.len(), link.bytes_sent());
+        assert!(matches!(
+            link.send_pending(&pending(3, &[0, 7]), &guest, &mut pipe),
+            Err(BatchError::Guest(_))
+        ));
+        assert_eq!(
+            (pipe.wire.len(), link.bytes_sent(), link.queued()),
+            (before.0, before.1, 0)
+        );
+
+        let mut receiver = FrameLink::new();
+        receiver.receive(&mut pipe).unwrap();
+        assert_eq!(drain(&mut receiver), expected);
+
+        // A broken pipe: the frame waits in the queue for the flush, which reports the error.
+        pipe.error = Some(PipeError::Reset);
+        link.send_pending(&batch, &guest, &mut pipe).unwrap();
+        assert_eq!(link.queued() as u64, len);
+        assert_eq!(link.flush(&mut pipe), Err(PipeError::Reset));
     }
 
     #[test]

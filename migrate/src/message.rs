@@ -333,22 +333,69 @@ fn next_page<'a>(
     Ok((page, data))
 }
 
+/// Where an encoder appends its bytes: a growing `Vec`, or a [`SliceSink`] over space of a size
+/// known beforehand (a pipe's own buffer).
+pub(crate) trait ByteSink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl ByteSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Fills a slice from its start. Bytes past its end are not written but remembered, so that
+/// [`SliceSink::finish`] reports a size computed wrongly instead of the encoder panicking.
+pub(crate) struct SliceSink<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> SliceSink<'a> {
+    pub(crate) fn new(buf: &'a mut [u8]) -> Self {
+        Self { buf, len: 0 }
+    }
+
+    /// Ok once exactly the whole slice was written.
+    pub(crate) fn finish(self) -> Result<(), MessageError> {
+        if self.len == self.buf.len() {
+            Ok(())
+        } else {
+            Err(MessageError::InvalidValue {
+                field: "encoded length",
+                value: self.len as u64,
+            })
+        }
+    }
+}
+
+impl ByteSink for SliceSink<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        if let Some(space) = self.buf.get_mut(self.len..end) {
+            space.copy_from_slice(bytes);
+        }
+        self.len = end;
+    }
+}
+
 /// Writes the payload of a page batch of `count` pages (the [`Message::PageBatch`] layout), the
 /// pages taken from wherever they lie: a message's entries, or guest memory
 /// ([`crate::pending::PendingBatch`]). `pages` must yield exactly `count` items.
 pub(crate) fn encode_page_batch<'a>(
-    out: &mut Vec<u8>,
+    out: &mut impl ByteSink,
     round: u32,
     count: usize,
     pages: impl Iterator<Item = (u64, PageData<'a>)>,
 ) -> Result<(), MessageError> {
-    out.extend_from_slice(&round.to_le_bytes());
+    out.put(&round.to_le_bytes());
     let count_field = u32::try_from(count).map_err(|_| MessageError::TooLong {
         field: "page batch",
         len: count,
         max: u32::MAX as usize,
     })?;
-    out.extend_from_slice(&count_field.to_le_bytes());
+    out.put(&count_field.to_le_bytes());
     let mut previous: Option<u64> = None;
     let mut written = 0;
     for (page, data) in pages {
@@ -359,16 +406,16 @@ pub(crate) fn encode_page_batch<'a>(
             });
         }
         previous = Some(page);
-        out.extend_from_slice(&page.to_le_bytes());
+        out.put(&page.to_le_bytes());
         match data {
             PageData::Raw(bytes) => {
-                out.push(0);
-                out.extend_from_slice(&bytes[..]);
+                out.put(&[0]);
+                out.put(&bytes[..]);
             }
-            PageData::Zero => out.push(1),
+            PageData::Zero => out.put(&[1]),
             PageData::Compressed(data) => {
                 check_compressed_page(data)?;
-                out.push(2);
+                out.put(&[2]);
                 put_blob(out, data, "compressed page", PAGE_SIZE)?;
             }
         }
@@ -774,7 +821,7 @@ fn put_str(
 }
 
 fn put_blob(
-    out: &mut Vec<u8>,
+    out: &mut impl ByteSink,
     bytes: &[u8],
     field: &'static str,
     max: usize,
@@ -786,8 +833,8 @@ fn put_blob(
             max,
         });
     }
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(bytes);
+    out.put(&(bytes.len() as u32).to_le_bytes());
+    out.put(bytes);
     Ok(())
 }
 

@@ -1,10 +1,11 @@
 //! Page batches whose raw pages are still in guest memory until they are encoded.
 //!
 //! The source decides each page's encoding when it makes a batch, but a page sent raw is read
-//! from guest memory only when its driver encodes the batch into the link's outbound queue: a
-//! raw page is copied once on its way to the transport instead of first into a buffer of its
-//! own (under emulation each copy of a page was a measurable share of the source's time per
-//! byte). The driver encodes the batch in the same step the machine made it, with the VM not
+//! from guest memory only when its driver encodes the batch: straight into the transport's own
+//! buffer when it has room ([`PendingBatch::encode_into`]), else into the link's outbound queue.
+//! A raw page is copied once (or twice) on its way to the transport instead of first into a
+//! buffer of its own (under emulation each copy of a page was a measurable share of the
+//! source's time per byte). The driver encodes the batch in the same step the machine made it, with the VM not
 //! running in between, so the pages it reads are the ones the machine classified.
 
 use alloc::vec::Vec;
@@ -12,7 +13,7 @@ use core::fmt;
 
 use crate::frame::{self, FrameKind, HEADER_LEN};
 use crate::machine::GuestError;
-use crate::message::{self, Message, MessageError, PageBatch, PageData, PageEntry};
+use crate::message::{self, Message, MessageError, PageBatch, PageData, PageEntry, SliceSink};
 use crate::source::SourceGuest;
 
 /// One page of a [`PendingBatch`].
@@ -111,6 +112,32 @@ impl PendingBatch {
         frame::encode_with(FrameKind::PageBatch, out, |out| {
             message::encode_page_batch(out, self.round, data.len(), data.iter().copied())
                 .map_err(BatchError::from)
+        })
+    }
+
+    /// Writes the batch as one whole frame into `frame`, space of exactly
+    /// [`wire_len`](Self::wire_len) bytes (a pipe's own buffer), raw pages read from `guest`
+    /// (the copy into `frame` is their only one). On error `frame` holds no valid frame.
+    pub fn encode_into(
+        &self,
+        guest: &(impl SourceGuest + ?Sized),
+        frame: &mut [u8],
+    ) -> Result<(), BatchError> {
+        let wrong_length = MessageError::InvalidValue {
+            field: "page batch frame length",
+            value: frame.len() as u64,
+        };
+        if frame.len() != self.wire_len() {
+            return Err(wrong_length.into());
+        }
+        let Some((header, payload)) = frame.split_first_chunk_mut::<HEADER_LEN>() else {
+            return Err(wrong_length.into());
+        };
+        let data = self.data(guest).map_err(BatchError::Guest)?;
+        frame::encode_into(FrameKind::PageBatch, header, payload, |payload| {
+            let mut sink = SliceSink::new(payload);
+            message::encode_page_batch(&mut sink, self.round, data.len(), data.iter().copied())?;
+            sink.finish().map_err(BatchError::from)
         })
     }
 
@@ -223,5 +250,39 @@ mod tests {
             Err(BatchError::Message(_))
         ));
         assert_eq!(out, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_batch_encoded_in_place_is_the_frame_it_queues() {
+        let guest = guest();
+        let batch = batch(&guest, &[0, 1, 2, 3]);
+        let mut queued = Vec::new();
+        batch.encode(&guest, &mut queued).unwrap();
+        let mut frame = vec![0xAAu8; batch.wire_len()];
+        batch.encode_into(&guest, &mut frame).unwrap();
+        assert_eq!(frame, queued);
+    }
+
+    #[test]
+    fn in_place_encoding_refuses_space_of_another_length_and_unreadable_pages() {
+        let guest = guest();
+        let batch = batch(&guest, &[0, 1, 2, 3]);
+        for len in [0, 7, batch.wire_len() - 1, batch.wire_len() + 1] {
+            let mut frame = vec![0u8; len];
+            assert!(
+                matches!(
+                    batch.encode_into(&guest, &mut frame),
+                    Err(BatchError::Message(MessageError::InvalidValue { .. }))
+                ),
+                "{len} bytes"
+            );
+        }
+        let mut bad = batch.clone();
+        bad.pages.push(PendingPage::InGuest(9));
+        let mut frame = vec![0u8; bad.wire_len()];
+        assert_eq!(
+            bad.encode_into(&guest, &mut frame),
+            Err(BatchError::Guest(GuestError::PageOutOfRange { page: 9 }))
+        );
     }
 }

@@ -382,6 +382,27 @@ impl Pipe for End<'_> {
         Ok(n)
     }
 
+    /// Like a socket's ring: room for the whole frame within this step's credit, or none.
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<bool, PipeError> {
+        if self.tx.cut || self.tx.closed {
+            return Err(PipeError::Closed);
+        }
+        if self.tx.frozen || self.tx.credit < len {
+            return Ok(false);
+        }
+        let mut space = alloc::vec![0u8; len];
+        if !fill(&mut space) {
+            return Ok(false);
+        }
+        self.tx.credit -= len;
+        self.tx.bytes.extend(&space);
+        Ok(true)
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
         if self.rx.cut {
             return Err(PipeError::Closed);

@@ -44,6 +44,20 @@ pub trait Pipe {
     fn in_flight(&self) -> usize {
         0
     }
+    /// Sends `len` bytes written in place into the pipe's own buffer, sparing them a copy
+    /// through the caller's. If the pipe has `len` contiguous bytes free now, it calls `fill`
+    /// with exactly that space and keeps the bytes if `fill` returns true (it must then have
+    /// written all of them); it returns whether it kept them. Nothing is sent when `fill`
+    /// returns false, or when the pipe has no such room (`fill` is then not called): the caller
+    /// sends the bytes the ordinary way. Pipes without a buffer of their own keep this default.
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<bool, PipeError> {
+        let _ = (len, fill);
+        Ok(false)
+    }
 }
 
 /// A pipe that is always closed: what a protocol is polled with while it has no connection (it

@@ -39,6 +39,28 @@ impl Pipe for SocketPipe<'_> {
         self.0.send_slice(data).map_err(|_| PipeError::Other)
     }
 
+    /// The free space at the end of the socket's send ring: all of it once the ring emptied
+    /// (smoltcp then starts it over at the front), less near its end.
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<bool, PipeError> {
+        let state = self.0.state();
+        if opening(state) {
+            return Ok(false);
+        }
+        if !self.0.may_send() {
+            return Err(ended(state));
+        }
+        self.0
+            .send(|free| match free.get_mut(..len).map(&mut *fill) {
+                Some(true) => (len, true),
+                _ => (0, false),
+            })
+            .map_err(|_| PipeError::Other)
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
         if self.0.can_recv() {
             return self.0.recv_slice(buf).map_err(|_| PipeError::Other);
