@@ -100,11 +100,51 @@ fn pattern() -> Vec<u8> {
         .collect()
 }
 
-/// A new TCP socket with bench-sized buffers.
+/// How much a TCP connection buffers each way: the most it may have in flight (send) and the
+/// window it offers its peer (receive). Each is allocated whole for the socket's life, so a
+/// connection that carries bulk data one way and answers the other gets a small buffer there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    pub send: usize,
+    pub receive: usize,
+}
+
+/// Room for requests and answers of a few KiB.
+const SMALL_BUFFER: usize = 16 * 1024;
+
+impl SocketBuffers {
+    /// Bulk data both ways (bench connections, iSCSI).
+    pub const BULK: Self = Self {
+        send: BUFFER,
+        receive: BUFFER,
+    };
+    /// Bulk data out, answers in (a migration's source).
+    pub const BULK_SEND: Self = Self {
+        send: BUFFER,
+        receive: SMALL_BUFFER,
+    };
+    /// Bulk data in, answers out (a migration's destination).
+    pub const BULK_RECEIVE: Self = Self {
+        send: SMALL_BUFFER,
+        receive: BUFFER,
+    };
+    /// Requests and answers only (the owner query).
+    pub const SMALL: Self = Self {
+        send: SMALL_BUFFER,
+        receive: SMALL_BUFFER,
+    };
+}
+
+/// A new TCP socket with bench-sized buffers ([`SocketBuffers::BULK`]).
 pub fn socket() -> tcp::Socket<'static> {
+    socket_with(SocketBuffers::BULK)
+}
+
+/// A new TCP socket set up as the bench's, with `buffers`.
+pub fn socket_with(buffers: SocketBuffers) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(alloc::vec![0; BUFFER]),
-        tcp::SocketBuffer::new(alloc::vec![0; BUFFER]),
+        tcp::SocketBuffer::new(alloc::vec![0; buffers.receive]),
+        tcp::SocketBuffer::new(alloc::vec![0; buffers.send]),
     );
     s.set_nagle_enabled(false);
     // Without congestion control smoltcp sends the whole window at once, overrunning the

@@ -23,7 +23,7 @@ use smoltcp::wire::{
 };
 
 use crate::addr::{Addressing, Ipv4, Ipv4Net};
-use crate::bench::{self, BenchJob, BenchServer, Limit};
+use crate::bench::{self, BenchJob, BenchServer, Limit, SocketBuffers};
 use crate::dhcp::{self, DhcpState};
 use crate::neighbors::{Neighbor, NeighborTable};
 use crate::ping::{CountError, PingEvent, PingJob, PingSummary, PAYLOAD};
@@ -459,16 +459,35 @@ impl<D: Device + TxFlush> Stack<D> {
         Ok(self.quick_acks.add_socket(&mut self.sockets, socket))
     }
 
-    /// Opens a TCP connection to `target:port` (it completes during later polls); the socket
-    /// is the caller's until [`Stack::tcp_release`].
+    /// Opens a TCP connection to `target:port` (it completes during later polls) with
+    /// [`SocketBuffers::BULK`]; the socket is the caller's until [`Stack::tcp_release`].
     pub fn tcp_connect(&mut self, target: Ipv4, port: u16) -> Result<SocketHandle, ConnectError> {
-        self.connect_socket(bench::socket(), target, port)
+        self.tcp_connect_with(target, port, SocketBuffers::BULK)
     }
 
-    /// A socket listening on TCP `port` (it turns into the connection of the first client);
-    /// the socket is the caller's until [`Stack::tcp_release`].
+    /// Like [`Stack::tcp_connect`], with buffers sized for what the connection carries.
+    pub fn tcp_connect_with(
+        &mut self,
+        target: Ipv4,
+        port: u16,
+        buffers: SocketBuffers,
+    ) -> Result<SocketHandle, ConnectError> {
+        self.connect_socket(bench::socket_with(buffers), target, port)
+    }
+
+    /// A socket listening on TCP `port` (it turns into the connection of the first client) with
+    /// [`SocketBuffers::BULK`]; the socket is the caller's until [`Stack::tcp_release`].
     pub fn tcp_listen(&mut self, port: u16) -> Result<SocketHandle, ConnectError> {
-        let mut socket = bench::socket();
+        self.tcp_listen_with(port, SocketBuffers::BULK)
+    }
+
+    /// Like [`Stack::tcp_listen`], with buffers sized for what the connection carries.
+    pub fn tcp_listen_with(
+        &mut self,
+        port: u16,
+        buffers: SocketBuffers,
+    ) -> Result<SocketHandle, ConnectError> {
+        let mut socket = bench::socket_with(buffers);
         socket.listen(port).map_err(|_| ConnectError::BadPort)?;
         Ok(self.quick_acks.add_socket(&mut self.sockets, socket))
     }

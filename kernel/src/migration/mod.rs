@@ -18,6 +18,7 @@ use alloc::vec::Vec;
 
 use ::net::addr::Ipv4;
 use ::net::announce::{rarp_announce, AnnounceParams, AnnounceSchedule};
+use ::net::bench::SocketBuffers;
 use ::net::smoltcp::iface::SocketHandle;
 use ::net::smoltcp::socket::tcp::State;
 use ::net::smoltcp::time::Duration as SmolDuration;
@@ -329,7 +330,7 @@ impl Migrations {
             return Err(StartError::NoNetwork(net.missing_reason().to_string()));
         };
         let socket = stack
-            .tcp_connect(target, PORT)
+            .tcp_connect_with(target, PORT, SocketBuffers::BULK_SEND)
             .map_err(|e| StartError::Connect(format!("{e}")))?;
         tune(stack.tcp_socket(socket));
         let now = now_us();
@@ -473,7 +474,7 @@ impl Migrations {
             return;
         };
         match self.owner_listener {
-            None => match stack.tcp_listen(QUERY_PORT) {
+            None => match stack.tcp_listen_with(QUERY_PORT, SocketBuffers::SMALL) {
                 Ok(handle) => self.owner_listener = Some(handle),
                 Err(e) => log::error!("owner query listener: {e}"),
             },
@@ -521,7 +522,7 @@ impl Migrations {
         let Some(stack) = net.cluster_stack() else {
             return;
         };
-        match stack.tcp_listen(PORT) {
+        match stack.tcp_listen_with(PORT, SocketBuffers::BULK_RECEIVE) {
             Ok(handle) => {
                 tune(stack.tcp_socket(handle));
                 self.listener = Some(handle);
@@ -888,7 +889,7 @@ fn settle_in_doubt(
             return;
         }
         out.next_query_us = now.saturating_add(QUERY_RETRY_US);
-        match stack.tcp_connect(out.target, QUERY_PORT) {
+        match stack.tcp_connect_with(out.target, QUERY_PORT, SocketBuffers::SMALL) {
             Ok(handle) => out.query = Some((OwnerQueryClient::new(&out.vm, now), handle)),
             Err(e) => {
                 log::warn!("migration of {}: owner query: {e}", out.vm);

@@ -606,6 +606,62 @@ mod tcp {
         }
     }
 
+    /// A connection sized for bulk one way: its buffers are what was asked for, the big one
+    /// is used as the window, and the small way still carries more than its buffer in pieces.
+    #[test]
+    fn connections_get_the_buffers_asked_for_each_way() {
+        use crate::bench::SocketBuffers;
+        let mut link = Link::new();
+        let server = link
+            .b
+            .stack
+            .tcp_listen_with(7004, SocketBuffers::BULK_RECEIVE)
+            .unwrap();
+        let client = link
+            .a
+            .stack
+            .tcp_connect_with(NODE2, 7004, SocketBuffers::BULK_SEND)
+            .unwrap();
+        for _ in 0..50 {
+            link.step();
+        }
+        let c = link.a.stack.tcp_socket(client);
+        assert_eq!(c.state(), smoltcp::socket::tcp::State::Established);
+        let sizes = |s: &smoltcp::socket::tcp::Socket| (s.send_capacity(), s.recv_capacity());
+        assert_eq!(sizes(c), (bench::BUFFER, SocketBuffers::BULK_SEND.receive));
+        let s = link.b.stack.tcp_socket(server);
+        assert_eq!(sizes(s), (SocketBuffers::BULK_RECEIVE.send, bench::BUFFER));
+        // The bulk way takes a window's worth at once; the answer way, four times its buffer
+        // in pieces.
+        let bulk = vec![0xA5u8; bench::BUFFER];
+        assert_eq!(
+            link.a.stack.tcp_socket(client).send_slice(&bulk),
+            Ok(bench::BUFFER)
+        );
+        let answers = vec![0x5Au8; 4 * SocketBuffers::BULK_RECEIVE.send];
+        let (mut sent, mut got_bulk, mut got_answers) = (0, 0, 0);
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..100_000 {
+            if got_bulk == bulk.len() && got_answers == answers.len() {
+                break;
+            }
+            sent += link
+                .b
+                .stack
+                .tcp_socket(server)
+                .send_slice(&answers[sent..])
+                .unwrap();
+            link.step();
+            while let Ok(n @ 1..) = link.b.stack.tcp_socket(server).recv_slice(&mut buf) {
+                got_bulk += n;
+            }
+            while let Ok(n @ 1..) = link.a.stack.tcp_socket(client).recv_slice(&mut buf) {
+                got_answers += n;
+            }
+        }
+        assert_eq!((got_bulk, got_answers), (bulk.len(), answers.len()));
+    }
+
     #[test]
     fn the_bench_listener_serves_several_clients_at_once() {
         let mut link = Link::new();
