@@ -116,6 +116,30 @@ impl Connection {
         Some(error)
     }
 
+    /// Like `receive`, handing each whole frame to `on_frame` as it arrives, or the text of a
+    /// stream error (once).
+    fn receive_frames(
+        &mut self,
+        pipe: &mut impl Pipe,
+        on_frame: &mut dyn FnMut(Result<Incoming<'_>, String>),
+    ) -> Option<TransportFailure> {
+        if self.broken.is_some() {
+            return None;
+        }
+        let stream_failed = &mut self.stream_failed;
+        let result = self.link.receive_frames(pipe, &mut |frame| match frame {
+            Ok(incoming) => on_frame(Ok(incoming)),
+            Err(e) if !*stream_failed => {
+                *stream_failed = true;
+                on_frame(Err(format!("undecodable stream from the peer: {e}")));
+            }
+            Err(_) => {}
+        });
+        let error = TransportFailure::Pipe(result.err()?);
+        self.broken = Some(error);
+        Some(error)
+    }
+
     /// The next decoded message, or the text of a stream error (returned once).
     fn next_message(&mut self) -> Result<Option<Message>, alloc::string::String> {
         Ok(self.next_incoming()?.map(Incoming::into_message))
@@ -428,25 +452,16 @@ impl DestinationDriver {
         pipe: &mut impl Pipe,
         host: &mut impl DestinationHost,
     ) -> Vec<DestinationAction> {
-        let pipe_failure = self.conn.receive(pipe);
-        loop {
-            match self.conn.next_incoming() {
-                Ok(Some(Incoming::Pages(batch))) => {
-                    self.destination.on_page_batch(now, &batch, host);
-                    self.drain();
-                }
-                Ok(Some(Incoming::Message(message))) => {
-                    self.destination.on_message(now, message, host);
-                    self.drain();
-                }
-                Ok(None) => break,
-                Err(text) => {
-                    self.destination.fail(AbortReason::ProtocolError, &text);
-                    self.drain();
-                    break;
-                }
-            }
-        }
+        // Page batches are written to the guest from where they lie in the pipe's buffer when
+        // they can be (`FrameLink::receive_frames`). The machine keeps its outputs in order,
+        // so they are drained once, after the frames of the step.
+        let destination = &mut self.destination;
+        let pipe_failure = self.conn.receive_frames(pipe, &mut |frame| match frame {
+            Ok(Incoming::Pages(batch)) => destination.on_page_batch(now, &batch, host),
+            Ok(Incoming::Message(message)) => destination.on_message(now, message, host),
+            Err(text) => destination.fail(AbortReason::ProtocolError, &text),
+        });
+        self.drain();
         if let Some(failure) = pipe_failure {
             self.transport_failed(failure);
         }

@@ -418,63 +418,100 @@ impl FrameDecoder {
 
     /// Checks and takes the next complete frame: its kind and where its payload lies.
     fn take_frame(&mut self) -> Result<Option<(FrameKind, usize, usize)>, FrameError> {
-        let Some(payload_len) = self.check_header()? else {
-            return Ok(None);
-        };
-        let pending = &self.buffer[self.consumed..self.filled];
-        let frame_len = HEADER_LEN + payload_len;
-        if pending.len() < frame_len {
-            return Ok(None);
-        }
-
-        let expected = u64_at(pending, CHECKED_HEADER_LEN);
-        let computed = checksum(
-            &pending[..CHECKED_HEADER_LEN],
-            &pending[HEADER_LEN..frame_len],
-        );
-        if computed != expected {
-            return Err(FrameError::BadChecksum { expected, computed });
-        }
-
-        // check_header accepted the kind already.
-        let kind = FrameKind::from_code(u16_at(pending, 6))?;
-        let start = self.consumed + HEADER_LEN;
-        self.consumed += frame_len;
-        Ok(Some((kind, start, self.consumed)))
-    }
-
-    /// Checks the header fields that have arrived. Returns the payload length once the whole
-    /// header is buffered, `None` while it is incomplete.
-    fn check_header(&self) -> Result<Option<usize>, FrameError> {
-        let pending = &self.buffer[self.consumed..self.filled];
-        let header = &pending[..pending.len().min(HEADER_LEN)];
-        if header.len() >= 4 && header[0..4] != MAGIC {
-            let mut found = [0u8; 4];
-            found.copy_from_slice(&header[0..4]);
-            return Err(FrameError::BadMagic { found });
-        }
-        if header.len() >= 6 {
-            let version = u16_at(header, 4);
-            if version != PROTOCOL_VERSION {
-                return Err(FrameError::UnsupportedVersion { found: version });
+        match front(&self.buffer[self.consumed..self.filled])? {
+            Front::Partial { .. } => Ok(None),
+            Front::Frame { kind, len, .. } => {
+                let start = self.consumed + HEADER_LEN;
+                self.consumed += len;
+                Ok(Some((kind, start, self.consumed)))
             }
         }
-        if header.len() >= 8 {
-            FrameKind::from_code(u16_at(header, 6))?;
-        }
-        if header.len() >= CHECKED_HEADER_LEN {
-            let len = u32_at(header, 8);
-            if len as usize > MAX_PAYLOAD {
-                return Err(FrameError::TooLarge {
-                    len: u64::from(len),
-                });
-            }
-        }
-        if header.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        Ok(Some(u32_at(header, 8) as usize))
     }
+
+    /// Bytes still to receive before the frame at the front is whole (or, while its header is
+    /// incomplete, before the header is): 0 when a whole frame waits, or the decoder failed.
+    /// Receiving no more than this leaves the decoder empty at the frame's end.
+    pub fn wanted(&self) -> usize {
+        if self.failure.is_some() {
+            return 0;
+        }
+        let buffered = self.buffered_len();
+        match front(&self.buffer[self.consumed..self.filled]) {
+            Ok(Front::Partial { len: Some(len) }) => len - buffered,
+            Ok(Front::Partial { len: None }) => HEADER_LEN - buffered,
+            Ok(Front::Frame { .. }) | Err(_) => 0,
+        }
+    }
+}
+
+/// What the start of a byte stream holds, as [`front`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front<'a> {
+    /// A whole frame of `len` bytes, checked: its kind and payload.
+    Frame {
+        kind: FrameKind,
+        payload: &'a [u8],
+        len: usize,
+    },
+    /// The start of a frame (possibly nothing): `len`, the whole frame's length, once its header
+    /// is there. The header fields that are there were checked.
+    Partial { len: Option<usize> },
+}
+
+/// Reads the frame at the start of `bytes` where it lies, checking header fields as soon as
+/// they are there (see [`FrameDecoder`]) and the checksum once the frame is whole.
+pub fn front(bytes: &[u8]) -> Result<Front<'_>, FrameError> {
+    let Some(payload_len) = check_header(bytes)? else {
+        return Ok(Front::Partial { len: None });
+    };
+    let len = HEADER_LEN + payload_len;
+    if bytes.len() < len {
+        return Ok(Front::Partial { len: Some(len) });
+    }
+    let expected = u64_at(bytes, CHECKED_HEADER_LEN);
+    let computed = checksum(&bytes[..CHECKED_HEADER_LEN], &bytes[HEADER_LEN..len]);
+    if computed != expected {
+        return Err(FrameError::BadChecksum { expected, computed });
+    }
+    // check_header accepted the kind already.
+    let kind = FrameKind::from_code(u16_at(bytes, 6))?;
+    Ok(Front::Frame {
+        kind,
+        payload: &bytes[HEADER_LEN..len],
+        len,
+    })
+}
+
+/// Checks the header fields of the frame starting `pending` that have arrived. Returns the
+/// payload length once the whole header is there, `None` while it is incomplete.
+fn check_header(pending: &[u8]) -> Result<Option<usize>, FrameError> {
+    let header = &pending[..pending.len().min(HEADER_LEN)];
+    if header.len() >= 4 && header[0..4] != MAGIC {
+        let mut found = [0u8; 4];
+        found.copy_from_slice(&header[0..4]);
+        return Err(FrameError::BadMagic { found });
+    }
+    if header.len() >= 6 {
+        let version = u16_at(header, 4);
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::UnsupportedVersion { found: version });
+        }
+    }
+    if header.len() >= 8 {
+        FrameKind::from_code(u16_at(header, 6))?;
+    }
+    if header.len() >= CHECKED_HEADER_LEN {
+        let len = u32_at(header, 8);
+        if len as usize > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge {
+                len: u64::from(len),
+            });
+        }
+    }
+    if header.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    Ok(Some(u32_at(header, 8) as usize))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use core::fmt;
 
-use crate::frame::{FrameDecoder, FrameError, FrameKind};
+use crate::frame::{self, FrameDecoder, FrameError, FrameKind, Front};
 use crate::message::{Message, MessageError, PageBatchView};
 use crate::pending::{BatchError, PendingBatch};
 use crate::source::SourceGuest;
@@ -23,7 +23,7 @@ pub const RECEIVE_BUDGET: usize = 256 * 1024;
 /// small).
 const RECEIVE_CHUNK: usize = 16 * 1024;
 
-pub use transport::{Pipe, PipeError};
+pub use transport::{Pipe, PipeError, Received};
 
 /// Why the inbound stream cannot be read any further.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +177,82 @@ impl FrameLink {
         Ok(())
     }
 
+    /// Receives what is waiting, at most about [`RECEIVE_BUDGET`] bytes, and hands each whole
+    /// frame to `on_frame` as it comes (a stream error once, then nothing more: the link has
+    /// failed, as with [`next_incoming`](Self::next_incoming)).
+    ///
+    /// Frames that lie whole in the pipe's own buffer are read there
+    /// ([`Pipe::recv_in_place`]): a page travelling through is not copied on the way. A frame
+    /// that is not whole yet waits there for its rest, unless it never can be whole in one
+    /// piece there (the buffer wrapped in it, or it is larger than the buffer); only such a frame
+    /// is received into the decoder's buffer, and no byte past its end, so the next frame is
+    /// read in place again.
+    ///
+    /// Bytes received before a pipe error are handed on before the error is returned, so
+    /// messages the peer sent just before closing still arrive.
+    pub fn receive_frames(
+        &mut self,
+        pipe: &mut impl Pipe,
+        on_frame: &mut dyn FnMut(Result<Incoming<'_>, LinkError>),
+    ) -> Result<(), PipeError> {
+        let mut budget = RECEIVE_BUDGET;
+        loop {
+            if self.failure.is_some() {
+                // A failed stream: what arrives is read and dropped, as `receive` does.
+                return self.receive(pipe);
+            }
+            // Whatever the decoder holds whole goes first.
+            loop {
+                match self.next_incoming() {
+                    Ok(Some(incoming)) => on_frame(Ok(incoming)),
+                    Ok(None) => break,
+                    Err(error) => {
+                        on_frame(Err(error));
+                        break;
+                    }
+                }
+            }
+            if self.failure.is_some() || budget == 0 {
+                return Ok(());
+            }
+            let mut copy = self.decoder.buffered_len() > 0;
+            if !copy {
+                let mut stop = None;
+                let taken = pipe.recv_in_place(&mut |received| {
+                    let (taken, why) = take_whole_frames(received, budget, on_frame);
+                    stop = Some(why);
+                    taken
+                })?;
+                self.bytes_received += taken as u64;
+                budget = budget.saturating_sub(taken);
+                match stop {
+                    // Nothing offered: nothing waits, or the pipe has no buffer to read in.
+                    None => copy = true,
+                    Some(InPlaceStop::Failed(error)) => {
+                        self.failure = Some(error);
+                        return Ok(());
+                    }
+                    // More may follow the wrap, or the budget is spent: the loop decides.
+                    Some(InPlaceStop::Budget | InPlaceStop::Wrapped) if taken > 0 => continue,
+                    Some(InPlaceStop::Wrapped | InPlaceStop::NeverWhole) => copy = true,
+                    Some(InPlaceStop::Budget | InPlaceStop::Empty | InPlaceStop::Partial) => {
+                        return Ok(())
+                    }
+                }
+            }
+            if copy {
+                // Only up to the end of the frame at the front: then the decoder is empty again.
+                let want = self.decoder.wanted().clamp(1, RECEIVE_CHUNK);
+                let got = self.decoder.push_with(want, |buf| pipe.recv(buf))?;
+                if got == 0 {
+                    return Ok(());
+                }
+                self.bytes_received += got as u64;
+                budget = budget.saturating_sub(got);
+            }
+        }
+    }
+
     /// The next complete message received: `Ok(None)` when more bytes are needed.
     pub fn next_message(&mut self) -> Result<Option<Message>, LinkError> {
         Ok(self.next_incoming()?.map(Incoming::into_message))
@@ -203,6 +279,70 @@ impl FrameLink {
             self.failure = Some(error.clone());
         }
         result
+    }
+}
+
+/// Why [`take_whole_frames`] stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum InPlaceStop {
+    /// Nothing more is there.
+    Empty,
+    /// The budget is spent.
+    Budget,
+    /// A frame has begun and its rest may arrive after it: wait for it.
+    Partial,
+    /// A frame has begun and the pipe's buffer wrapped after it: it must be copied.
+    Wrapped,
+    /// A frame has begun that is larger than the pipe's buffer: it must be copied.
+    NeverWhole,
+    /// The stream is bad (reported to the frame handler already).
+    Failed(LinkError),
+}
+
+/// Hands the whole frames at the start of `received` to `on_frame`, until `budget` bytes were
+/// taken (at least one frame) or no whole frame is left; returns the bytes taken and why it
+/// stopped.
+fn take_whole_frames(
+    received: Received<'_>,
+    budget: usize,
+    on_frame: &mut dyn FnMut(Result<Incoming<'_>, LinkError>),
+) -> (usize, InPlaceStop) {
+    let mut taken = 0;
+    loop {
+        if taken >= budget {
+            return (taken, InPlaceStop::Budget);
+        }
+        let rest = &received.bytes[taken..];
+        let failed = |error: LinkError, on_frame: &mut dyn FnMut(_)| {
+            on_frame(Err(error.clone()));
+            (taken, InPlaceStop::Failed(error))
+        };
+        match frame::front(rest) {
+            Err(error) => return failed(LinkError::from(error), on_frame),
+            Ok(Front::Partial { len }) => {
+                let stop = if rest.is_empty() && !received.wrapped {
+                    InPlaceStop::Empty
+                } else if len.is_some_and(|len| len > received.capacity) {
+                    InPlaceStop::NeverWhole
+                } else if received.wrapped {
+                    InPlaceStop::Wrapped
+                } else {
+                    InPlaceStop::Partial
+                };
+                return (taken, stop);
+            }
+            Ok(Front::Frame { kind, payload, len }) => {
+                let incoming = match kind {
+                    FrameKind::PageBatch => PageBatchView::parse(payload).map(Incoming::Pages),
+                    kind => Message::decode_payload(kind, payload).map(Incoming::Message),
+                };
+                match incoming {
+                    Ok(incoming) => on_frame(Ok(incoming)),
+                    Err(error) => return failed(LinkError::from(error), on_frame),
+                }
+                taken += len;
+            }
+        }
     }
 }
 
@@ -530,6 +670,158 @@ mod tests {
         link.send_pending(&batch, &guest, &mut pipe).unwrap();
         assert_eq!(link.queued() as u64, len);
         assert_eq!(link.flush(&mut pipe), Err(PipeError::Reset));
+    }
+
+    /// A pipe whose received bytes sit in a ring buffer of `capacity` bytes that wraps at
+    /// stream offset `wrap_at`: what `recv_in_place` offers stops there.
+    struct RingPipe {
+        wire: VecDeque<u8>,
+        /// Stream offset of the next byte to read.
+        offset: usize,
+        wrap_at: Option<usize>,
+        capacity: usize,
+        /// Bytes read by `recv` (copied), not in place.
+        copied: usize,
+    }
+
+    impl RingPipe {
+        fn new(bytes: &[u8], capacity: usize, wrap_at: Option<usize>) -> Self {
+            Self {
+                wire: bytes.iter().copied().collect(),
+                offset: 0,
+                wrap_at,
+                capacity,
+                copied: 0,
+            }
+        }
+    }
+
+    impl Pipe for RingPipe {
+        fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
+            Ok(data.len())
+        }
+
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, PipeError> {
+            let n = buf.len().min(self.wire.len()).min(self.capacity);
+            for (slot, byte) in buf.iter_mut().zip(self.wire.drain(..n)) {
+                *slot = byte;
+            }
+            self.offset += n;
+            self.copied += n;
+            Ok(n)
+        }
+
+        fn recv_in_place(
+            &mut self,
+            take: &mut dyn FnMut(Received<'_>) -> usize,
+        ) -> Result<usize, PipeError> {
+            // The peer cannot have sent more than the ring holds.
+            let waiting = self.wire.len().min(self.capacity);
+            if waiting == 0 {
+                return Ok(0);
+            }
+            let run = match self.wrap_at {
+                Some(at) if at > self.offset => (at - self.offset).min(waiting),
+                _ => waiting,
+            };
+            let n = take(Received {
+                bytes: &self.wire.make_contiguous()[..run],
+                wrapped: run < waiting,
+                capacity: self.capacity,
+            })
+            .min(run);
+            self.wire.drain(..n);
+            self.offset += n;
+            Ok(n)
+        }
+    }
+
+    /// Receives everything `pipe` holds through `receive_frames`, as messages.
+    fn frames_of(link: &mut FrameLink, pipe: &mut RingPipe) -> Vec<Message> {
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            link.receive_frames(pipe, &mut |frame| got.push(frame.unwrap().into_message()))
+                .unwrap();
+        }
+        got
+    }
+
+    #[test]
+    fn whole_frames_are_read_where_they_lie_in_the_pipe() {
+        let messages = samples();
+        let stream = stream_of(&messages);
+        let mut pipe = RingPipe::new(&stream, 1 << 20, None);
+        let mut link = FrameLink::new();
+        assert_eq!(frames_of(&mut link, &mut pipe), messages);
+        assert_eq!(
+            (pipe.copied, link.bytes_received()),
+            (0, stream.len() as u64)
+        );
+    }
+
+    #[test]
+    fn a_frame_waits_in_the_pipe_for_its_rest_unless_it_can_never_be_whole_there() {
+        let messages = samples();
+        let stream = stream_of(&messages);
+        let first = stream_of(&messages[..1]).len();
+        let batch_end = stream_of(&messages[..2]).len();
+
+        // The page batch arrives in two parts: nothing of it is taken until it is whole.
+        let mut pipe = RingPipe::new(&stream[..first + 100], 1 << 20, None);
+        let mut link = FrameLink::new();
+        assert_eq!(frames_of(&mut link, &mut pipe), messages[..1]);
+        assert_eq!((pipe.wire.len(), pipe.copied), (100, 0));
+        pipe.wire.extend(&stream[first + 100..]);
+        assert_eq!(frames_of(&mut link, &mut pipe), messages[1..]);
+        assert_eq!(pipe.copied, 0);
+
+        // The ring wraps inside the batch: that frame, and only it, is copied.
+        let mut pipe = RingPipe::new(&stream, 1 << 20, Some(first + 100));
+        let mut link = FrameLink::new();
+        assert_eq!(frames_of(&mut link, &mut pipe), messages);
+        assert_eq!(pipe.copied, batch_end - first);
+
+        // A batch larger than the ring is copied too, though nothing wrapped yet.
+        let mut pipe = RingPipe::new(&stream, batch_end - first - 1, None);
+        let mut link = FrameLink::new();
+        assert_eq!(frames_of(&mut link, &mut pipe), messages);
+        assert_eq!(pipe.copied, batch_end - first);
+    }
+
+    #[test]
+    fn receiving_in_place_stops_after_the_budget_and_at_the_first_bad_frame() {
+        let batch = &samples()[1];
+        let one = stream_of(core::slice::from_ref(batch)).len();
+        let count = RECEIVE_BUDGET / one + 3;
+        let stream = stream_of(&vec![batch.clone(); count]);
+        let mut pipe = RingPipe::new(&stream, 1 << 30, None);
+        let mut link = FrameLink::new();
+        let mut got = 0;
+        link.receive_frames(&mut pipe, &mut |frame| {
+            frame.unwrap();
+            got += 1;
+        })
+        .unwrap();
+        assert_eq!(got, RECEIVE_BUDGET.div_ceil(one));
+        assert!(got < count);
+
+        let mut bad = stream_of(&samples()[..1]);
+        bad.extend_from_slice(b"HVMG\x03\x00\x63\x00garbage that is no frame");
+        bad.extend_from_slice(&stream_of(&samples()[..1]));
+        let mut pipe = RingPipe::new(&bad, 1 << 20, None);
+        let mut link = FrameLink::new();
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            link.receive_frames(&mut pipe, &mut |frame| results.push(frame.map(|_| ())))
+                .unwrap();
+        }
+        assert_eq!(results.len(), 2, "{results:?}");
+        assert!(results[0].is_ok());
+        assert!(matches!(
+            results[1],
+            Err(LinkError::Frame(FrameError::UnknownKind { code: 0x63 }))
+        ));
+        assert!(link.next_message().is_err(), "the link stays failed");
     }
 
     #[test]

@@ -419,6 +419,35 @@ impl Pipe for End<'_> {
         }
         Ok(n)
     }
+
+    /// The channel's ring as it lies: its first part, wrapped if a second part follows.
+    fn recv_in_place(
+        &mut self,
+        take: &mut dyn FnMut(transport::Received<'_>) -> usize,
+    ) -> Result<usize, PipeError> {
+        if self.rx.cut {
+            return Err(PipeError::Closed);
+        }
+        if self.rx.frozen {
+            return Ok(0);
+        }
+        let (first, second) = self.rx.bytes.as_slices();
+        if first.is_empty() {
+            return if self.rx.closed {
+                Err(PipeError::Closed)
+            } else {
+                Ok(0)
+            };
+        }
+        let n = take(transport::Received {
+            bytes: first,
+            wrapped: !second.is_empty(),
+            capacity: usize::MAX,
+        })
+        .min(first.len());
+        self.rx.bytes.drain(..n);
+        Ok(n)
+    }
 }
 
 /// The connection between the source's node and the destination's. A new one carries nothing

@@ -58,6 +58,32 @@ pub trait Pipe {
         let _ = (len, fill);
         Ok(false)
     }
+    /// Lets `take` read received bytes where they lie in the pipe's own buffer, sparing them a
+    /// copy: `take` gets the first contiguous run of them ([`Received`]) and returns how many it
+    /// consumed from its start (counts above the run's length are taken as all of it); those
+    /// are removed from the pipe. Returns that count: Ok(0) when nothing waits, and always for a
+    /// pipe without a buffer of its own (this default; the caller then uses `recv`). Errors as
+    /// `recv`: only once everything received was taken.
+    fn recv_in_place(
+        &mut self,
+        take: &mut dyn FnMut(Received<'_>) -> usize,
+    ) -> Result<usize, PipeError> {
+        let _ = take;
+        Ok(0)
+    }
+}
+
+/// Received bytes as [`Pipe::recv_in_place`] offers them.
+#[derive(Debug, Clone, Copy)]
+pub struct Received<'a> {
+    /// The first contiguous run of the bytes waiting.
+    pub bytes: &'a [u8],
+    /// More bytes wait after `bytes` (the pipe's ring buffer wrapped): they will never be
+    /// contiguous with these.
+    pub wrapped: bool,
+    /// The most bytes the pipe's buffer can hold: a message longer than this is never whole in
+    /// it.
+    pub capacity: usize,
 }
 
 /// A pipe that is always closed: what a protocol is polled with while it has no connection (it

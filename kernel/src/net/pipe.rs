@@ -2,7 +2,7 @@
 //! and the iSCSI connections on the storage network both ride on it.
 
 use ::net::smoltcp::socket::tcp::{Socket, State};
-use transport::{Pipe, PipeError};
+use transport::{Pipe, PipeError, Received};
 
 /// Borrows a connection's socket for one step of its protocol's loop.
 pub struct SocketPipe<'a>(pub &'a mut Socket<'static>);
@@ -57,6 +57,30 @@ impl Pipe for SocketPipe<'_> {
             .send(|free| match free.get_mut(..len).map(&mut *fill) {
                 Some(true) => (len, true),
                 _ => (0, false),
+            })
+            .map_err(|_| PipeError::Other)
+    }
+
+    /// The received bytes from the socket's ring up to its end (or to the last byte).
+    fn recv_in_place(
+        &mut self,
+        take: &mut dyn FnMut(Received<'_>) -> usize,
+    ) -> Result<usize, PipeError> {
+        if !self.0.can_recv() {
+            return self.recv(&mut []);
+        }
+        let waiting = self.0.recv_queue();
+        let capacity = self.0.recv_capacity();
+        self.0
+            .recv(|bytes| {
+                let wrapped = bytes.len() < waiting;
+                let n = take(Received {
+                    bytes,
+                    wrapped,
+                    capacity,
+                })
+                .min(bytes.len());
+                (n, n)
             })
             .map_err(|_| PipeError::Other)
     }
