@@ -183,10 +183,10 @@ impl FrameLink {
     ///
     /// Frames that lie whole in the pipe's own buffer are read there
     /// ([`Pipe::recv_in_place`]): a page travelling through is not copied on the way. A frame
-    /// that is not whole yet waits there for its rest, unless it never can be whole in one
-    /// piece there (the buffer wrapped in it, or it is larger than the buffer); only such a frame
-    /// is received into the decoder's buffer, and no byte past its end, so the next frame is
-    /// read in place again.
+    /// that is not whole yet waits there for its rest, unless it cannot be whole in one piece
+    /// there (the buffer wrapped in it) or should not (it is larger than half the buffer); only
+    /// such a frame is received into the decoder's buffer, and no byte past its end, so the
+    /// next frame is read in place again.
     ///
     /// Bytes received before a pipe error are handed on before the error is returned, so
     /// messages the peer sent just before closing still arrive.
@@ -293,7 +293,9 @@ enum InPlaceStop {
     Partial,
     /// A frame has begun and the pipe's buffer wrapped after it: it must be copied.
     Wrapped,
-    /// A frame has begun that is larger than the pipe's buffer: it must be copied.
+    /// A frame has begun that is larger than half the pipe's buffer: it is copied, since
+    /// waiting for all of it there would keep the peer's window (rounded down by TCP's window
+    /// scaling) nearly or wholly closed.
     NeverWhole,
     /// The stream is bad (reported to the frame handler already).
     Failed(LinkError),
@@ -322,7 +324,7 @@ fn take_whole_frames(
             Ok(Front::Partial { len }) => {
                 let stop = if rest.is_empty() && !received.wrapped {
                     InPlaceStop::Empty
-                } else if len.is_some_and(|len| len > received.capacity) {
+                } else if len.is_some_and(|len| len > received.capacity / 2) {
                     InPlaceStop::NeverWhole
                 } else if received.wrapped {
                     InPlaceStop::Wrapped
@@ -760,7 +762,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_waits_in_the_pipe_for_its_rest_unless_it_can_never_be_whole_there() {
+    fn a_frame_waits_in_the_pipe_for_its_rest_unless_it_cannot_or_should_not_be_whole_there() {
         let messages = samples();
         let stream = stream_of(&messages);
         let first = stream_of(&messages[..1]).len();
@@ -781,10 +783,14 @@ mod tests {
         assert_eq!(frames_of(&mut link, &mut pipe), messages);
         assert_eq!(pipe.copied, batch_end - first);
 
-        // A batch larger than the ring is copied too, though nothing wrapped yet.
-        let mut pipe = RingPipe::new(&stream, batch_end - first - 1, None);
+        // A partial batch larger than half the ring is copied as it arrives, though nothing
+        // wrapped.
+        let mut pipe = RingPipe::new(&stream[..first + 100], 2 * (batch_end - first) - 1, None);
         let mut link = FrameLink::new();
-        assert_eq!(frames_of(&mut link, &mut pipe), messages);
+        assert_eq!(frames_of(&mut link, &mut pipe), messages[..1]);
+        assert_eq!(pipe.copied, 100);
+        pipe.wire.extend(&stream[first + 100..]);
+        assert_eq!(frames_of(&mut link, &mut pipe), messages[1..]);
         assert_eq!(pipe.copied, batch_end - first);
     }
 
