@@ -281,8 +281,13 @@ impl SourceDriver {
     pub fn flush(&mut self, now: u64, pipe: &mut impl Pipe) -> Vec<SourceAction> {
         if let Some(failure) = self.conn.flush(now, pipe) {
             self.transport_failed(now, failure);
-        } else if self.conn.link.queued() == 0 {
-            self.source.on_final_sent(now);
+        } else {
+            if self.conn.link.bytes_sent() > 0 {
+                self.source.on_bytes_sent(now);
+            }
+            if self.conn.link.queued() == 0 {
+                self.source.on_final_sent(now);
+            }
         }
         core::mem::take(&mut self.actions)
     }

@@ -211,6 +211,9 @@ pub struct Source {
     /// (pages per second), for the operator's progress line.
     last_dirty: u64,
     last_dirty_rate: Option<u64>,
+    /// When the transport took the hello: its answer gives the round trip the policy counts
+    /// into every pause.
+    hello_sent_us: Option<u64>,
 }
 
 fn hello_of(config: &SourceConfig) -> Hello {
@@ -276,6 +279,7 @@ impl Source {
             summary: Summary::default(),
             last_dirty: 0,
             last_dirty_rate: None,
+            hello_sent_us: None,
         })
     }
 
@@ -361,6 +365,9 @@ impl Source {
                     );
                     return;
                 }
+                if let Some(sent) = self.hello_sent_us {
+                    self.policy.set_round_trip_us(now.saturating_sub(sent));
+                }
                 self.caps = self.config.capabilities.common(hello.capabilities);
                 self.out
                     .push_back(Output::Send(Message::VmConfig(self.config.vm.clone())));
@@ -434,6 +441,14 @@ impl Source {
                 );
             }
             _ => {}
+        }
+    }
+
+    /// The transport took bytes of the stream: the first time, the hello left (a connection
+    /// being opened takes nothing), and its answer will time a round trip.
+    pub fn on_bytes_sent(&mut self, now: u64) {
+        if self.state == SourceState::AwaitHello && self.hello_sent_us.is_none() {
+            self.hello_sent_us = Some(now);
         }
     }
 
@@ -801,6 +816,18 @@ mod tests {
         assert!(
             matches!(&out[0], Output::Send(Message::Abort(a)) if a.reason == AbortReason::Timeout)
         );
+    }
+
+    #[test]
+    fn the_hello_times_the_round_trip_the_policy_counts_into_the_pause() {
+        let mut s = Source::new(config()).unwrap();
+        s.start(0);
+        // The connection opened only at 5 ms: the round trip runs from when the hello left.
+        s.on_bytes_sent(5_000);
+        s.on_bytes_sent(6_000);
+        s.on_message(7_500, peer_hello(), &mut Guest);
+        assert_eq!(s.state(), SourceState::AwaitConfigReply);
+        assert_eq!(s.policy().fixed_pause_us(), 2_500);
     }
 
     #[test]
