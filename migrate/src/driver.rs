@@ -27,7 +27,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::destination::{Destination, DestinationAction, DestinationHost, DestinationState};
-use crate::link::{FrameLink, Incoming, Pipe, PipeError};
+use crate::link::{FrameLink, Incoming, LinkError, Pipe, PipeError};
 use crate::machine::{GuestError, Output};
 use crate::message::{AbortReason, Message, MessageError};
 use crate::pending::{BatchError, PendingBatch};
@@ -129,11 +129,11 @@ impl Connection {
         let stream_failed = &mut self.stream_failed;
         let result = self.link.receive_frames(pipe, &mut |frame| match frame {
             Ok(incoming) => on_frame(Ok(incoming)),
-            Err(e) if !*stream_failed => {
-                *stream_failed = true;
-                on_frame(Err(format!("undecodable stream from the peer: {e}")));
+            Err(e) => {
+                if let Some(text) = stream_error(stream_failed, &e) {
+                    on_frame(Err(text));
+                }
             }
-            Err(_) => {}
         });
         let error = TransportFailure::Pipe(result.err()?);
         self.broken = Some(error);
@@ -152,10 +152,7 @@ impl Connection {
         }
         match self.link.next_incoming() {
             Ok(incoming) => Ok(incoming),
-            Err(e) => {
-                self.stream_failed = true;
-                Err(format!("undecodable stream from the peer: {e}"))
-            }
+            Err(e) => Err(stream_error(&mut self.stream_failed, &e).unwrap_or_default()),
         }
     }
 
@@ -211,6 +208,14 @@ impl Connection {
     fn drained(&self) -> bool {
         self.broken.is_some() || self.link.queued() == 0
     }
+}
+
+/// The text of an undecodable stream, the first time (`reported` remembers it).
+fn stream_error(reported: &mut bool, error: &LinkError) -> Option<String> {
+    if core::mem::replace(reported, true) {
+        return None;
+    }
+    Some(format!("undecodable stream from the peer: {error}"))
 }
 
 /// A [`Source`] over a link.

@@ -435,11 +435,12 @@ impl FrameDecoder {
         if self.failure.is_some() {
             return 0;
         }
+        // The header alone says how long the frame is: no checksum is computed here.
         let buffered = self.buffered_len();
-        match front(&self.buffer[self.consumed..self.filled]) {
-            Ok(Front::Partial { len: Some(len) }) => len - buffered,
-            Ok(Front::Partial { len: None }) => HEADER_LEN - buffered,
-            Ok(Front::Frame { .. }) | Err(_) => 0,
+        match check_header(&self.buffer[self.consumed..self.filled]) {
+            Ok(Some(payload_len)) => (HEADER_LEN + payload_len).saturating_sub(buffered),
+            Ok(None) => HEADER_LEN - buffered,
+            Err(_) => 0,
         }
     }
 }

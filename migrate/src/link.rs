@@ -267,11 +267,8 @@ impl FrameLink {
         // Every payload is decoded where it lies in the decoder's buffer.
         let result = match self.decoder.next_payload() {
             Ok(None) => Ok(None),
-            Ok(Some((FrameKind::PageBatch, payload))) => PageBatchView::parse(payload)
-                .map(|view| Some(Incoming::Pages(view)))
-                .map_err(LinkError::from),
-            Ok(Some((kind, payload))) => Message::decode_payload(kind, payload)
-                .map(|m| Some(Incoming::Message(m)))
+            Ok(Some((kind, payload))) => Incoming::decode(kind, payload)
+                .map(Some)
                 .map_err(LinkError::from),
             Err(error) => Err(LinkError::from(error)),
         };
@@ -334,11 +331,7 @@ fn take_whole_frames(
                 return (taken, stop);
             }
             Ok(Front::Frame { kind, payload, len }) => {
-                let incoming = match kind {
-                    FrameKind::PageBatch => PageBatchView::parse(payload).map(Incoming::Pages),
-                    kind => Message::decode_payload(kind, payload).map(Incoming::Message),
-                };
-                match incoming {
+                match Incoming::decode(kind, payload) {
                     Ok(incoming) => on_frame(Ok(incoming)),
                     Err(error) => return failed(LinkError::from(error), on_frame),
                 }
@@ -357,7 +350,16 @@ pub enum Incoming<'a> {
     Message(Message),
 }
 
-impl Incoming<'_> {
+impl<'a> Incoming<'a> {
+    /// A checked frame's payload where it lies: a page batch read in place, any other message
+    /// decoded.
+    fn decode(kind: FrameKind, payload: &'a [u8]) -> Result<Self, MessageError> {
+        match kind {
+            FrameKind::PageBatch => PageBatchView::parse(payload).map(Incoming::Pages),
+            kind => Message::decode_payload(kind, payload).map(Incoming::Message),
+        }
+    }
+
     /// The frame as an owned message.
     pub fn into_message(self) -> Message {
         match self {

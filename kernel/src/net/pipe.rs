@@ -22,6 +22,21 @@ fn ended(state: State) -> PipeError {
     }
 }
 
+impl SocketPipe<'_> {
+    /// Whether data may be written now: false while the connection is being set up, an error
+    /// once it can no longer carry data out.
+    fn writable(&self) -> Result<bool, PipeError> {
+        let state = self.0.state();
+        if opening(state) {
+            return Ok(false);
+        }
+        if !self.0.may_send() {
+            return Err(ended(state));
+        }
+        Ok(true)
+    }
+}
+
 impl Pipe for SocketPipe<'_> {
     /// The send buffer holds bytes until the peer acknowledged them.
     fn in_flight(&self) -> usize {
@@ -29,12 +44,8 @@ impl Pipe for SocketPipe<'_> {
     }
 
     fn send(&mut self, data: &[u8]) -> Result<usize, PipeError> {
-        let state = self.0.state();
-        if opening(state) {
+        if !self.writable()? {
             return Ok(0);
-        }
-        if !self.0.may_send() {
-            return Err(ended(state));
         }
         self.0.send_slice(data).map_err(|_| PipeError::Other)
     }
@@ -46,12 +57,8 @@ impl Pipe for SocketPipe<'_> {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> bool,
     ) -> Result<bool, PipeError> {
-        let state = self.0.state();
-        if opening(state) {
+        if !self.writable()? {
             return Ok(false);
-        }
-        if !self.0.may_send() {
-            return Err(ended(state));
         }
         self.0
             .send(|free| match free.get_mut(..len).map(&mut *fill) {
